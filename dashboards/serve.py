@@ -1,0 +1,145 @@
+"""``python -m dashboards.serve``: optuna-dashboard on the study storage, with the platform's plots.
+
+Opens the storage the way the workers do (``search.storage.open_storage``: SQLite in WAL mode with a long
+busy timeout, no heartbeats), so reading a study while workers write to it neither blocks nor breaks them.
+Before serving, and then every ``--refresh`` seconds in a background thread, every study the engine made
+gets its figures recomputed (``dashboards.plots.publish_plots``, written only when they changed) and every
+finished trial its learning-curve files in the artifact store. Binds to 127.0.0.1 unless ``--host`` says
+otherwise: the dashboard has no authentication.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import threading
+from pathlib import Path
+from socketserver import ThreadingMixIn
+from types import FrameType
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+import optuna
+import optuna_dashboard
+from optuna.artifacts import FileSystemArtifactStore
+
+from dashboards.artifacts import artifact_store, default_artifact_dir, upload_missing_artifacts
+from dashboards.plots import publish_plots
+from search.errors import UsageError
+from search.export import open_existing_storage
+from search.storage import masked, resolve_storage_url
+
+__all__ = ["build_parser", "main", "refresh_studies"]
+
+ENGINE_STUDY_ATTR = "definition_hash"  # set on every study search.run creates
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2
+        raise UsageError(message)
+
+
+class _ThreadedServer(ThreadingMixIn, WSGIServer):
+    daemon_threads = True  # an open browser tab must not keep the process alive after Ctrl-C
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: object) -> None:  # the page polls every few seconds
+        return
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="python -m dashboards.serve", description=__doc__.splitlines()[0])
+    p.add_argument("--storage", help="SQLAlchemy URL (default: $SE_SEARCH_STORAGE or sqlite:///RUNS/studies.db)")
+    p.add_argument("--runs-dir", help="directory of the default SQLite file and artifacts (default: ./runs)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8080, help="port (default 8080)")
+    p.add_argument("--artifact-dir", help="artifact store directory (default: RUNS/artifacts)")
+    p.add_argument("--refresh", type=float, default=60.0,
+                   help="seconds between refreshes of plots and artifacts; 0 refreshes only at start (default 60)")
+    return p
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def refresh_studies(storage: optuna.storages.BaseStorage, store: FileSystemArtifactStore | None,
+                    stop: threading.Event | None = None) -> None:
+    """Publish plots (and, with ``store``, missing trial artifacts) for every study the engine made.
+
+    A study that cannot be refreshed is reported in one line and skipped: the dashboard keeps serving.
+    """
+    for summary in optuna.get_all_study_summaries(storage, include_best_trial=False):
+        if stop is not None and stop.is_set():
+            return
+        if ENGINE_STUDY_ATTR not in summary.user_attrs:
+            continue
+        try:
+            study = optuna.load_study(study_name=summary.study_name, storage=storage)
+            written = publish_plots(study)
+            uploaded = upload_missing_artifacts(study, store, stop.is_set if stop else None) if store else 0
+        except Exception as e:  # noqa: BLE001 - any failure of one study must not stop the others or the server
+            _log(f"refresh of study {summary.study_name!r} failed: {type(e).__name__}: {e}")
+            continue
+        if written or uploaded:
+            _log(f"study {summary.study_name!r}: {len(written)} plot(s) updated, artifacts for {uploaded} trial(s)")
+
+
+def _refresh_loop(storage: optuna.storages.BaseStorage, store: FileSystemArtifactStore, interval: float,
+                  stop: threading.Event) -> None:
+    refresh_studies(storage, store, stop)  # the first pass attaches artifacts; plots were published already
+    while interval > 0 and not stop.wait(interval):
+        refresh_studies(storage, store, stop)
+
+
+def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt  # SIGTERM ends the server the same clean way as Ctrl-C
+
+
+def serve(args: argparse.Namespace) -> int:
+    if not 0 < args.port < 65536:
+        raise UsageError(f"--port: must be 1-65535, got {args.port}")
+    if args.refresh < 0:
+        raise UsageError(f"--refresh: must be >= 0, got {args.refresh}")
+    url = resolve_storage_url(args.storage, args.runs_dir)
+    storage = open_existing_storage(url)
+    artifact_dir = Path(args.artifact_dir) if args.artifact_dir else default_artifact_dir(args.runs_dir)
+    store = artifact_store(artifact_dir)
+    try:
+        httpd = make_server(args.host, args.port, optuna_dashboard.wsgi(storage, artifact_store=store),
+                            server_class=_ThreadedServer, handler_class=_QuietHandler)
+    except OSError as e:
+        raise UsageError(f"--port: cannot listen on {args.host}:{args.port}: {e.strerror or e}") from None
+    refresh_studies(storage, None)  # plots before the first page is served
+    stop = threading.Event()
+    refresher = threading.Thread(target=_refresh_loop, args=(storage, store, args.refresh, stop),
+                                 name="refresh-plots", daemon=True)
+    refresher.start()
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        _log(f"warning: the dashboard has no authentication and listens on {args.host}")
+    _log(f"optuna-dashboard on http://{args.host}:{args.port}/ (storage {masked(url)}, artifacts in "
+         f"{artifact_dir}); Ctrl-C to stop")
+    try:
+        httpd.serve_forever()
+    except KeyboardInterrupt:
+        _log("stopping the dashboard")
+    finally:
+        stop.set()
+        httpd.server_close()
+        refresher.join(timeout=30)  # let a refresh finish its write rather than cut it mid-transaction
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        return serve(build_parser().parse_args(argv))
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

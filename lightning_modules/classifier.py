@@ -1,0 +1,167 @@
+"""The classification LightningModule that every trial trains, and the training recipe it follows.
+
+One constant, ``VAL_ACCURACY``, names the monitored metric everywhere (DESIGN.md convention 5): the pruning
+callback, the objective and the exports all read it. ``TEST_ACCURACY`` is logged only by ``trainer.test``,
+for reporting; nothing selects on it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+import torchmetrics
+from torch import nn
+
+from lightning_modules.backbones import build_network
+from lightning_modules.config import ArchConfig, ConfigError
+from lightning_modules.registry import Registry
+
+__all__ = [
+    "OPTIMIZERS",
+    "SCHEDULES",
+    "TEST_ACCURACY",
+    "TRAIN_LOSS",
+    "VAL_ACCURACY",
+    "DivergenceError",
+    "SEClassifier",
+    "TrainingRecipe",
+]
+
+VAL_ACCURACY = "val_accuracy"
+TEST_ACCURACY = "test_accuracy"
+TRAIN_LOSS = "train_loss"
+
+
+class DivergenceError(RuntimeError):
+    """The training loss became NaN or infinite; the trial cannot produce a meaningful result."""
+
+
+@dataclass(frozen=True)
+class TrainingRecipe:
+    """Optimiser, schedule and regularisation of one trial. ``lr`` is the peak learning rate."""
+
+    epochs: int = 10
+    batch_size: int = 256
+    optimizer: str = "sgd"
+    lr: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 5e-4
+    label_smoothing: float = 0.0
+    schedule: str = "onecycle"
+    warmup_fraction: float = 0.2
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ConfigError(f"{name}: must be an integer >= 1, got {v!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(f"optimizer: unknown value {self.optimizer!r}; allowed: {', '.join(OPTIMIZERS)}")
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"schedule: unknown value {self.schedule!r}; allowed: {', '.join(SCHEDULES)}")
+        checks = {
+            "lr": self.lr > 0,
+            "momentum": 0 <= self.momentum < 1,
+            "weight_decay": self.weight_decay >= 0,
+            "label_smoothing": 0 <= self.label_smoothing < 1,
+            "warmup_fraction": 0 < self.warmup_fraction < 1,
+        }
+        for name, ok in checks.items():
+            if not ok or not math.isfinite(getattr(self, name)):
+                raise ConfigError(f"{name}: value {getattr(self, name)!r} is out of range")
+
+    def replace(self, **changes: Any) -> TrainingRecipe:
+        return dataclasses.replace(self, **changes)
+
+
+def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Weight decay on weights of convolutions and linear layers only: decaying BN scales, biases and
+    GeM's p only hurts (Goyal et al. 2017, "no bias decay")."""
+    decay = [p for p in model.parameters() if p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+OPTIMIZERS: Registry[Any] = Registry("optimizer")
+OPTIMIZERS.register("sgd")(
+    lambda model, r: torch.optim.SGD(
+        _param_groups(model, r.weight_decay), lr=r.lr, momentum=r.momentum, nesterov=r.nesterov and r.momentum > 0
+    )
+)
+OPTIMIZERS.register("adamw")(lambda model, r: torch.optim.AdamW(_param_groups(model, r.weight_decay), lr=r.lr))
+
+SCHEDULES: Registry[Any] = Registry("schedule")
+SCHEDULES.register("onecycle")(
+    lambda opt, r, steps: torch.optim.lr_scheduler.OneCycleLR(
+        opt,
+        max_lr=r.lr,
+        total_steps=steps,
+        pct_start=r.warmup_fraction,
+        anneal_strategy="linear",
+        cycle_momentum=False,
+    )
+)
+SCHEDULES.register("cosine")(lambda opt, r, steps: torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps))
+SCHEDULES.register("constant")(lambda opt, r, steps: torch.optim.lr_scheduler.ConstantLR(opt, factor=1.0))
+
+
+class SEClassifier(pl.LightningModule):
+    """Trains ``build_network(arch)`` with cross-entropy; logs ``val_accuracy`` per epoch and
+    ``test_accuracy`` on test. On CUDA the network runs channels_last (cuDNN's fast NHWC kernels under
+    bf16); precision itself is the Trainer's (see ``make_trainer``)."""
+
+    def __init__(self, arch: ArchConfig, recipe: TrainingRecipe) -> None:
+        super().__init__()
+        self.arch, self.recipe = arch, recipe
+        self.save_hyperparameters({"arch": arch.to_dict(), "recipe": dataclasses.asdict(recipe)})
+        self.net = build_network(arch)
+        self.val_accuracy = torchmetrics.classification.MulticlassAccuracy(arch.num_classes, average="micro")
+        self.test_accuracy = torchmetrics.classification.MulticlassAccuracy(arch.num_classes, average="micro")
+        self._channels_last = False
+
+    def on_fit_start(self) -> None:
+        self._channels_last = self.device.type == "cuda"
+        if self._channels_last:
+            self.net.to(memory_format=torch.channels_last)
+
+    on_test_start = on_fit_start
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return self.net(x)
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        loss = F.cross_entropy(self(x), y, label_smoothing=self.recipe.label_smoothing)
+        # Epoch-mean only: a per-step log would force a host sync every step.
+        self.log(TRAIN_LOSS, loss.detach(), on_step=False, on_epoch=True, batch_size=x.shape[0], sync_dist=True)
+        return loss
+
+    def on_train_epoch_end(self) -> None:
+        loss = self.trainer.callback_metrics.get(TRAIN_LOSS)
+        if loss is not None and not torch.isfinite(loss):
+            raise DivergenceError(f"training loss is {loss.item()} in epoch {self.current_epoch}")
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        x, y = batch
+        self.val_accuracy.update(self(x), y)
+        self.log(VAL_ACCURACY, self.val_accuracy, on_step=False, on_epoch=True, batch_size=x.shape[0])
+
+    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        x, y = batch
+        self.test_accuracy.update(self(x), y)
+        self.log(TEST_ACCURACY, self.test_accuracy, on_step=False, on_epoch=True, batch_size=x.shape[0])
+
+    def configure_optimizers(self) -> Any:
+        optimizer = OPTIMIZERS.get(self.recipe.optimizer)(self.net, self.recipe)
+        steps = max(1, int(self.trainer.estimated_stepping_batches))
+        scheduler = SCHEDULES.get(self.recipe.schedule)(optimizer, self.recipe, steps)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -1,0 +1,324 @@
+"""``ArrayDataModule``: the fast path shared by every small dataset (digits, CIFAR, small ImageFolders).
+
+A dataset subclass only says how to obtain its images as uint8 (N, C, H, W) arrays (``_load``); this class
+carves the validation split, computes the normalisation, keeps one copy of the arrays on the training
+device and hands out ``DeviceBatchLoader``s. It is built to be reused: one instance serves many trials in a
+process (each with a new ``Trainer``), loading once and re-creating device copies only when the device
+changes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+
+from lightning_modules.data.augment import default_padding
+from lightning_modules.data.config import DataConfig, default_cache_root, default_data_root
+from lightning_modules.data.errors import DataError
+from lightning_modules.data.loader import DeviceBatchLoader
+from lightning_modules.data.splits import (
+    CARVED_TEST_FROM,
+    REPORT_SPLIT,
+    SELECTION_SPLIT,
+    TEST_FRACTION,
+    TEST_SPLIT_SEED,
+    split_count,
+    stratified_split,
+)
+
+__all__ = ["FAST_PATH_MAX_SIZE", "ArrayDataModule", "SourceArrays", "resize_uint8"]
+
+# Images up to this size (CIFAR is 32) are held whole on the device; larger ones go through DataLoaders.
+FAST_PATH_MAX_SIZE = 64
+
+
+@dataclass
+class SourceArrays:
+    """What a dataset yields: uint8 (N, C, H, W) images and int64 labels, before the validation split.
+
+    ``test_images`` None means the source has no test split; a fixed stratified one is then carved.
+    """
+
+    train_images: np.ndarray
+    train_labels: np.ndarray
+    test_images: np.ndarray | None
+    test_labels: np.ndarray | None
+    classes: tuple[str, ...]
+    source: str
+    cache_file: str | None = None
+    cache_hit: bool | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class _Prepared:
+    """The pools of images with the index arrays that cut them into splits, and what ``describe()`` says.
+
+    The splits are index arrays into at most two pools (the source's training pool, and its test pool or
+    the training pool again when the test split is carved), so no split is ever copied: one uint8 copy of
+    the data lives on the host and one on the device.
+    """
+
+    pools: dict[str, tuple[np.ndarray, np.ndarray]]  # "train"/"test" -> (uint8 images, int64 labels)
+    pool_of: dict[str, str]  # split -> pool name
+    indices: dict[str, np.ndarray]  # split -> sorted int64 indices into its pool
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    classes: tuple[str, ...]
+    info: dict[str, Any]
+
+    def split(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        """(images, labels) of one split, as a copy (for inspection; the loaders never copy)."""
+        images, labels = self.pools[self.pool_of[name]]
+        idx = self.indices[name]
+        return images[idx], labels[idx]
+
+
+def channel_stats(images: np.ndarray, indices: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std of ``images[indices]`` (uint8 (N, C, H, W)) on the [0, 1] scale.
+
+    Sums and sums of squares are exact integers (float32 sums of squares over rows of at most 64 pixels
+    stay below 2**24, then int64) and the division is float64, so the result does not drift with the
+    number of images. Chunked, so the split is never copied whole.
+    """
+    c = images.shape[1]
+    total = np.zeros(c, np.int64)
+    total_sq = np.zeros(c, np.int64)
+    for s in range(0, len(indices), 2048):
+        chunk = images[indices[s : s + 2048]]
+        total += chunk.sum(axis=(0, 2, 3), dtype=np.int64)
+        f = chunk.astype(np.float32)
+        total_sq += np.einsum("nchw,nchw->nch", f, f).astype(np.int64).sum(axis=(0, 2))
+    count = len(indices) * images.shape[2] * images.shape[3]
+    mean = total / (count * 255.0)
+    var = total_sq / (count * 255.0**2) - mean**2
+    std = np.sqrt(np.maximum(var, 1e-12))
+    return tuple(float(m) for m in mean), tuple(float(v) for v in std)
+
+
+def resize_uint8(images: np.ndarray, size: int) -> np.ndarray:
+    """Bilinear (antialiased when shrinking) resize of uint8 (N, C, H, W) images to ``size`` x ``size``."""
+    if images.shape[2] == size and images.shape[3] == size:
+        return images
+    out = np.empty((len(images), images.shape[1], size, size), np.uint8)
+    for s in range(0, len(images), 4096):  # bounded float32 temporaries
+        x = torch.from_numpy(images[s : s + 4096]).float()
+        y = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+        out[s : s + 4096] = y.round_().clamp_(0, 255).to(torch.uint8).numpy()
+    return out
+
+
+class ArrayDataModule(pl.LightningDataModule):
+    """Base of the fast-path DataModules; subclasses implement ``_load`` (and ``_prepare`` for downloads).
+
+    Train batches are augmented (random crop with padding, horizontal flip) when ``cfg.augment``; validation
+    and test batches never are and keep a fixed order. The validation split comes from the training data
+    (stratified, ``cfg.split_seed``); the test split is only for reporting. The engine should build its
+    ``Trainer`` with ``use_distributed_sampler=False`` (the loaders shard themselves; they are also safe
+    with the default, which Lightning applies only to ``torch.utils.data.DataLoader``).
+    """
+
+    name = "array"
+    # Horizontal flips in training augmentation; off where a mirrored image is not the same class.
+    hflip: ClassVar[bool] = True
+
+    def __init__(self, cfg: DataConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self._data: _Prepared | None = None
+        self._device_copy: tuple[torch.device, dict[str, tuple[torch.Tensor, torch.Tensor]]] | None = None
+        self.load_count = 0  # how many times the source was actually loaded (tests, diagnostics)
+
+    # -- subclass hooks --------------------------------------------------------------------------------
+    def _load(self) -> SourceArrays:
+        raise NotImplementedError
+
+    def _prepare(self) -> None:
+        """Download or decode-and-cache, once per node (Lightning calls ``prepare_data`` on one process)."""
+
+    # -- paths ----------------------------------------------------------------------------------------
+    @property
+    def data_root(self) -> Path:
+        return Path(self.cfg.data_dir) if self.cfg.data_dir is not None else default_data_root()
+
+    @property
+    def cache_root(self) -> Path:
+        return Path(self.cfg.cache_dir) if self.cfg.cache_dir is not None else default_cache_root()
+
+    # -- Lightning hooks ------------------------------------------------------------------------------
+    def prepare_data(self) -> None:
+        if self._data is None:
+            self._prepare()
+
+    def setup(self, stage: str | None = None) -> None:
+        """Load (or reuse) the arrays and splits; a no-op after the first call on this instance."""
+        if self._data is None:
+            self._data = self._split(self._load())
+            self.load_count += 1
+
+    def train_dataloader(self) -> DeviceBatchLoader:
+        world, rank = self._world()
+        return self._loader("train", shuffle=True, augment=self.cfg.augment, world=world, rank=rank,
+                            seed=self._base_seed(world))
+
+    def val_dataloader(self) -> DeviceBatchLoader:
+        return self._loader("val")
+
+    def test_dataloader(self) -> DeviceBatchLoader:
+        return self._loader("test")
+
+    # -- facts ----------------------------------------------------------------------------------------
+    def _prepared(self) -> _Prepared:
+        if self._data is None:
+            raise RuntimeError(f"{self.name}: call setup() before asking for the data's shape or loaders")
+        return self._data
+
+    @property
+    def num_classes(self) -> int:
+        return len(self._prepared().classes)
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        return self._prepared().classes
+
+    @property
+    def in_channels(self) -> int:
+        return int(self._prepared().pools["train"][0].shape[1])
+
+    @property
+    def image_size(self) -> int:
+        return int(self._prepared().pools["train"][0].shape[2])
+
+    @property
+    def split_indices(self) -> dict[str, np.ndarray]:
+        """Sorted indices of each split into the data it was cut from: the source's training data, or for
+        ``test`` the source's test set when it has one (``describe()['test_from']`` says which)."""
+        return {name: idx.copy() for name, idx in self._prepared().indices.items()}
+
+    def split_arrays(self, split: str) -> tuple[np.ndarray, np.ndarray]:
+        """A copy of one split's uint8 (N, C, H, W) images and int64 labels, before normalisation."""
+        return self._prepared().split(split)
+
+    def describe(self) -> dict[str, Any]:
+        """Provenance for study and trial attributes: what was read, how it was split and normalised."""
+        d = self._prepared()
+        n_train = len(d.indices["train"])
+        return {
+            **d.info,
+            "num_classes": len(d.classes),
+            "in_channels": self.in_channels,
+            "image_size": self.image_size,
+            "pipeline": "device",
+            "splits": {name: len(idx) for name, idx in d.indices.items()},
+            "split_seed": self.cfg.split_seed,
+            "val_size": self.cfg.val_size,
+            "selection_split": SELECTION_SPLIT,
+            "report_split": REPORT_SPLIT,
+            "normalization": {"mean": list(d.mean), "std": list(d.std),
+                              "computed_on": f"train split ({n_train} images)"},
+            "augment": {"random_crop_padding": default_padding(self.image_size),
+                        "horizontal_flip": self.hflip} if self.cfg.augment else None,
+            "batch_size": self.cfg.batch_size,
+        }
+
+    # -- internals ------------------------------------------------------------------------------------
+    def _split(self, src: SourceArrays) -> _Prepared:
+        what = self.name
+        train_pool = (src.train_images, src.train_labels.astype(np.int64))
+        size = src.train_images.shape[2]
+        if size > FAST_PATH_MAX_SIZE:
+            raise DataError(f"{what}: image size {size} is above the fast path's {FAST_PATH_MAX_SIZE}; "
+                            f"pass image_size <= {FAST_PATH_MAX_SIZE}")
+        labels = train_pool[1]
+        if src.test_images is None or src.test_labels is None:
+            n_test = split_count(TEST_FRACTION, len(labels), f"{what} test split")
+            rest, test_idx = stratified_split(labels, n_test, TEST_SPLIT_SEED)
+            pools = {"train": train_pool}
+            test_pool, test_from = "train", CARVED_TEST_FROM
+        else:
+            rest = np.arange(len(labels))
+            test_idx = np.arange(len(src.test_labels))
+            pools = {"train": train_pool, "test": (src.test_images, src.test_labels.astype(np.int64))}
+            test_pool, test_from = "test", "the source's test set"
+        n_val = split_count(self.cfg.val_size, len(rest), f"{what} val_size")
+        train_pos, val_pos = stratified_split(labels[rest], n_val, self.cfg.split_seed)
+        indices = {"train": rest[train_pos], "val": rest[val_pos], "test": test_idx}
+        mean, std = channel_stats(src.train_images, indices["train"])
+        info = {
+            "dataset": self.name,
+            "source": src.source,
+            "classes": list(src.classes),
+            "cache_file": src.cache_file,
+            "cache_hit": src.cache_hit,
+            "val_from": f"training data: stratified, split_seed {self.cfg.split_seed}",
+            "test_from": test_from,
+            **src.extra,
+        }
+        return _Prepared(
+            pools=pools, pool_of={"train": "train", "val": "train", "test": test_pool},
+            indices=indices, mean=mean, std=std, classes=src.classes, info=info,
+        )
+
+    def _trainer(self) -> pl.Trainer | None:
+        """The attached trainer; Lightning sets ``self.trainer`` on the DataModule at ``fit``/``test``."""
+        return getattr(self, "trainer", None)
+
+    def _world(self) -> tuple[int, int]:
+        trainer = self._trainer()
+        if trainer is None:
+            return 1, 0
+        return int(trainer.world_size), int(trainer.global_rank)
+
+    def _device(self) -> torch.device:
+        trainer = self._trainer()
+        return trainer.strategy.root_device if trainer is not None else torch.device("cpu")
+
+    def _base_seed(self, world: int) -> int:
+        """The run's seed (``pl.seed_everything`` sets it), captured when fit asks for the train loader;
+        taken from rank 0 under DDP so every rank draws the same epoch plan."""
+        seed = torch.initial_seed()
+        trainer = self._trainer()
+        if world > 1 and trainer is not None:
+            seed = int(trainer.strategy.broadcast(seed, src=0))
+        return seed
+
+    def _on_device(self, device: torch.device) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """The pools as tensors on ``device``, created once and reused until another device is asked for
+        (the old copy is dropped first, so at most one device copy is alive). On the CPU they share memory
+        with the host arrays."""
+        if self._device_copy is None or self._device_copy[0] != device:
+            self._device_copy = None
+            copies = {}
+            for name, (images, labels) in self._prepared().pools.items():
+                x, y = torch.from_numpy(images), torch.from_numpy(labels)
+                copies[name] = (x.to(device), y.to(device)) if device.type != "cpu" else (x, y)
+            self._device_copy = (device, copies)
+        return self._device_copy[1]
+
+    def release_device_copy(self) -> None:
+        """Drop the device-resident tensors (the host arrays stay for the next trial)."""
+        self._device_copy = None
+
+    def _loader(
+        self, split: str, *, shuffle: bool = False, augment: bool = False, world: int = 1, rank: int = 0,
+        seed: int = 0,
+    ) -> DeviceBatchLoader:
+        d = self._prepared()
+        images, labels = self._on_device(self._device())[d.pool_of[split]]
+        indices = torch.from_numpy(d.indices[split])
+        if shuffle and len(indices) < self.cfg.batch_size * world:
+            raise DataError(
+                f"{self.name}: the training split has {len(indices)} images, fewer than one batch of "
+                f"{self.cfg.batch_size} per process ({world} process(es)); lower batch_size"
+            )
+        return DeviceBatchLoader(
+            images, labels, indices=indices, batch_size=self.cfg.batch_size, mean=d.mean, std=d.std,
+            shuffle=shuffle, augment=augment, padding=default_padding(self.image_size), flip=self.hflip,
+            seed=seed, world_size=world, rank=rank,
+        )

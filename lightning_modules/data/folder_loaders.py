@@ -1,0 +1,188 @@
+"""The DataLoader path for ImageFolder trees too large for the device-resident fast path.
+
+Standard ImageNet-style transforms (``RandomResizedCrop`` + flip for training, resize + centre crop for
+evaluation) in worker processes. Every file's header is checked once before training (in parallel), and
+the normalisation is estimated from a fixed sample of training images; both results are kept in a small
+JSON file next to the decode caches, keyed by the source files, so later trials skip them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torchvision import transforms as T
+
+from lightning_modules.data.cache import source_key
+from lightning_modules.data.config import DataConfig
+from lightning_modules.data.decode import check_images
+from lightning_modules.data.errors import DataError
+from lightning_modules.data.splits import (
+    CARVED_TEST_FROM,
+    REPORT_SPLIT,
+    SELECTION_SPLIT,
+    TEST_FRACTION,
+    TEST_SPLIT_SEED,
+    split_count,
+    stratified_split,
+)
+
+if TYPE_CHECKING:
+    from lightning_modules.data.imagefolder import FolderTree
+
+__all__ = ["DEFAULT_LARGE_IMAGE_SIZE", "STATS_SAMPLE", "FolderLoaders"]
+
+DEFAULT_LARGE_IMAGE_SIZE = 224
+STATS_SAMPLE = 1000  # training images the normalisation is estimated from (fixed seed)
+_CROP_RATIO = 0.875  # resize to size / 0.875, then centre-crop (the torchvision ImageNet recipe)
+
+
+class _Files(Dataset):
+    """(path, label) pairs read with Pillow and passed through ``transform``."""
+
+    def __init__(self, samples: list[tuple[Path, int]], transform: Any) -> None:
+        self.samples = samples
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        path, label = self.samples[i]
+        try:
+            with Image.open(path) as im:
+                image = im.convert("RGB")
+        except Exception as err:
+            msg = f"{type(err).__name__}: {err}"
+            raise DataError(f"cannot decode image {path} ({msg}); fix or remove the file") from None
+        return self.transform(image), label
+
+
+def _write_json(path: Path, payload: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(payload, f)
+    os.replace(tmp, path)
+
+
+class FolderLoaders:
+    """Splits, normalisation and DataLoaders for one large-image tree."""
+
+    def __init__(self, tree: FolderTree, cfg: DataConfig, cache_root: Path) -> None:
+        self.tree = tree
+        self.cfg = cfg
+        self.image_size = cfg.image_size or DEFAULT_LARGE_IMAGE_SIZE
+        labels = tree.labels("train")
+        paths = tree.paths("train")
+        if tree.test is None:
+            n_test = split_count(TEST_FRACTION, len(labels), "imagefolder test split")
+            pool_idx, test_idx = stratified_split(labels, n_test, TEST_SPLIT_SEED)
+            test = [(paths[i], int(labels[i])) for i in test_idx]
+            self.test_from = CARVED_TEST_FROM
+        else:
+            pool_idx = np.arange(len(labels))
+            test_idx = np.arange(len(tree.test))
+            test = list(zip(tree.paths("test"), tree.labels("test").tolist(), strict=True))
+            self.test_from = "the source's test set"
+        n_val = split_count(cfg.val_size, len(pool_idx), "imagefolder val_size")
+        train_i, val_i = stratified_split(labels[pool_idx], n_val, cfg.split_seed)
+        self.indices = {"train": pool_idx[train_i], "val": pool_idx[val_i], "test": test_idx}
+        self.samples = {
+            "train": [(paths[i], int(labels[i])) for i in self.indices["train"]],
+            "val": [(paths[i], int(labels[i])) for i in self.indices["val"]],
+            "test": test,
+        }
+        key = source_key(tree.stats, "folder", self.image_size, cfg.split_seed, cfg.val_size)
+        self.stats_file = cache_root / f"imagefolder-{tree.root.name}-{key[:24]}.stats.json"
+        self.mean, self.std = self._checked_stats()
+
+    def _eval_transform(self, normalize: bool = True) -> Any:
+        size = self.image_size
+        steps: list[Any] = [T.Resize(round(size / _CROP_RATIO)), T.CenterCrop(size), T.ToTensor()]
+        return T.Compose([*steps, T.Normalize(self.mean, self.std)] if normalize else steps)
+
+    def _train_transform(self) -> Any:
+        if not self.cfg.augment:
+            return self._eval_transform()
+        return T.Compose([T.RandomResizedCrop(self.image_size), T.RandomHorizontalFlip(), T.ToTensor(),
+                          T.Normalize(self.mean, self.std)])
+
+    def _checked_stats(self) -> tuple[list[float], list[float]]:
+        """Check every file's header once, and estimate mean/std on a fixed sample of training images."""
+        if self.stats_file.exists():
+            saved = json.loads(self.stats_file.read_text())
+            return saved["mean"], saved["std"]
+        check_images(self.tree.paths("train") + self.tree.paths("test"), what=f"imagefolder {self.tree.root}")
+        train = self.samples["train"]
+        pick = np.random.RandomState(0).permutation(len(train))[:STATS_SAMPLE]
+        ds = _Files([train[i] for i in pick], self._eval_transform(normalize=False))
+        total = torch.zeros(3, dtype=torch.float64)
+        total_sq = torch.zeros(3, dtype=torch.float64)
+        count = 0
+        for x, _ in DataLoader(ds, batch_size=64, num_workers=self.cfg.num_workers):
+            x = x.to(torch.float64)
+            total += x.sum(dim=(0, 2, 3))
+            total_sq += (x * x).sum(dim=(0, 2, 3))
+            count += x.shape[0] * x.shape[2] * x.shape[3]
+        mean = total / count
+        std = (total_sq / count - mean**2).clamp_min(1e-12).sqrt()
+        payload = {"mean": mean.tolist(), "std": std.tolist(), "sample": len(ds), "checked_files": True}
+        _write_json(self.stats_file, payload)
+        return payload["mean"], payload["std"]
+
+    def _loader_kwargs(self, device: torch.device) -> dict[str, Any]:
+        workers = self.cfg.num_workers
+        return {"batch_size": self.cfg.batch_size, "num_workers": workers,
+                "pin_memory": device.type == "cuda", "persistent_workers": workers > 0}
+
+    def train_loader(self, world: int, rank: int, seed: int, device: torch.device) -> DataLoader:
+        """Shuffled, augmented, drop-last; sharded over ``world`` ranks by our own ``DistributedSampler``
+        (Lightning keeps it), seeded from the run seed so epochs are reproducible."""
+        ds = _Files(self.samples["train"], self._train_transform())
+        if len(ds) < self.cfg.batch_size * world:
+            raise DataError(f"imagefolder: the training split has {len(ds)} images, fewer than one batch of "
+                            f"{self.cfg.batch_size} per process; lower batch_size")
+        seed = seed % 2**62
+        sampler = DistributedSampler(ds, num_replicas=world, rank=rank, shuffle=True, seed=seed,
+                                     drop_last=True)
+        return DataLoader(ds, sampler=sampler, drop_last=True, generator=torch.Generator().manual_seed(seed),
+                          **self._loader_kwargs(device))
+
+    def eval_loader(self, split: str, device: torch.device) -> DataLoader:
+        return DataLoader(_Files(self.samples[split], self._eval_transform()), shuffle=False,
+                          **self._loader_kwargs(device))
+
+    def describe(self) -> dict[str, Any]:
+        sample = min(STATS_SAMPLE, len(self.samples["train"]))
+        return {
+            "dataset": "imagefolder",
+            "source": str(self.tree.root),
+            "classes": list(self.tree.classes),
+            "cache_file": None,
+            "cache_hit": None,
+            "stats_file": str(self.stats_file),
+            "val_from": f"train pool: stratified, split_seed {self.cfg.split_seed}",
+            "test_from": self.test_from,
+            "num_classes": len(self.tree.classes),
+            "in_channels": 3,
+            "image_size": self.image_size,
+            "pipeline": "dataloader",
+            "splits": {name: len(s) for name, s in self.samples.items()},
+            "split_seed": self.cfg.split_seed,
+            "val_size": self.cfg.val_size,
+            "selection_split": SELECTION_SPLIT,
+            "report_split": REPORT_SPLIT,
+            "normalization": {"mean": list(self.mean), "std": list(self.std),
+                              "computed_on": f"train split (estimate from {sample} images)"},
+            "augment": {"random_resized_crop": self.image_size, "horizontal_flip": True}
+            if self.cfg.augment else None,
+            "batch_size": self.cfg.batch_size,
+        }

@@ -1,0 +1,52 @@
+"""The Trainer every trial uses: quiet, no checkpoints or loggers of its own, bf16 on GPUs that have it."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+
+__all__ = ["default_precision", "make_trainer"]
+
+
+def default_precision(accelerator: str) -> str:
+    """bf16 mixed precision on CUDA devices that support it (Ampere and later), full fp32 elsewhere."""
+    if accelerator in ("gpu", "cuda") and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return "bf16-mixed"
+    return "32-true"
+
+
+def make_trainer(
+    epochs: int,
+    *,
+    accelerator: str = "auto",
+    devices: int | Sequence[int] | str = 1,
+    callbacks: Sequence[pl.Callback] = (),
+    strategy: str | Any = "auto",
+    precision: str | None = None,
+    deterministic: bool | str = False,
+    **overrides: Any,
+) -> pl.Trainer:
+    """A ``pl.Trainer`` for one trial. The data modules feed device-resident batches themselves, so
+    Lightning must not wrap them in distributed samplers (``use_distributed_sampler=False``)."""
+    if accelerator == "auto":
+        accelerator = "gpu" if torch.cuda.is_available() else "cpu"
+    options: dict[str, Any] = {
+        "max_epochs": epochs,
+        "accelerator": accelerator,
+        "devices": devices,
+        "strategy": strategy,
+        "precision": precision or default_precision(accelerator),
+        "callbacks": list(callbacks),
+        "deterministic": deterministic,
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "num_sanity_val_steps": 0,
+        "use_distributed_sampler": False,
+    }
+    options.update(overrides)
+    return pl.Trainer(**options)

@@ -1,0 +1,126 @@
+"""One trial, top to bottom: suggest -> build -> cost -> fit (with pruning) -> test -> values.
+
+Reads like optuna-examples' Lightning example. Everything a trial knows before training (its cost and seed)
+is stored on it first, so a trial that dies still says what it was.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import optuna
+import pytorch_lightning as pl
+
+from lightning_modules.classifier import TEST_ACCURACY, SEClassifier
+from lightning_modules.training import make_trainer
+from search.cost import count_cost
+from search.pruning import MultiObjectivePruner, PruningCallback
+from search.samplers import CONSTRAINTS_ATTR
+from search.space import TrialDesign, suggest
+from search.study_config import StudyConfig
+
+__all__ = ["Devices", "TrialRunner", "trial_seed"]
+
+
+@dataclass(frozen=True)
+class Devices:
+    """Where a worker trains: Lightning accelerator, device count and strategy."""
+
+    accelerator: str = "cpu"
+    devices: int = 1
+    strategy: Any = "auto"
+
+
+def trial_seed(study_seed: int, trial: optuna.trial.BaseTrial | optuna.trial.FrozenTrial) -> int:
+    """Seed of a trial: the study seed plus the trial number, or the original trial's number for a retry of a
+    trial whose worker died, so the retry trains exactly what the original would have."""
+    if isinstance(trial, optuna.Trial):
+        system_attrs = trial.study._storage.get_trial_system_attrs(trial._trial_id)
+    else:
+        system_attrs = getattr(trial, "system_attrs", {})
+    number = system_attrs.get("failed_trial", trial.number)
+    return study_seed + number
+
+
+class TrialRunner:
+    """The objective: one instance per worker process, reusing that process's DataModule for every trial."""
+
+    def __init__(self, cfg: StudyConfig, datamodule: pl.LightningDataModule, devices: Devices) -> None:
+        self.cfg, self.dm, self.devices = cfg, datamodule, devices
+        self.mo_pruner = (
+            MultiObjectivePruner(cfg.pruner.name, cfg.pruner.options, cfg.pruner.pareto_aware)
+            if cfg.multi_objective
+            else None
+        )
+
+    def design(self, trial: optuna.trial.BaseTrial) -> TrialDesign:
+        return suggest(
+            trial,
+            self.cfg,
+            num_classes=self.dm.num_classes,
+            in_channels=self.dm.in_channels,
+            image_size=self.dm.image_size,
+        )
+
+    def __call__(self, trial: optuna.Trial) -> float | tuple[float, ...]:
+        design = self.design(trial)
+        cost = count_cost(design.arch)
+        seed = trial_seed(self.cfg.seed, trial)
+        attrs: dict[str, Any] = {
+            **cost.to_dict(),
+            "seed": seed,
+            "placements": list(design.arch.placements),
+            "reductions": list(design.arch.reductions),
+            "poolings": list(design.arch.poolings),
+        }
+        constraints = self.constraint_values(cost.to_dict())
+        if constraints:
+            attrs[CONSTRAINTS_ATTR] = constraints
+        for key, value in attrs.items():
+            trial.set_user_attr(key, value)
+
+        result = self.fit(design, seed, trial)
+        for key, value in result.items():
+            if key != "pruned_at_epoch":
+                trial.set_user_attr(key, value)
+        if result.get("pruned_at_epoch"):
+            raise optuna.TrialPruned(f"pruned after epoch {result['pruned_at_epoch']}")
+        metrics = {"val_accuracy": result["val_accuracy"], **cost.to_dict()}
+        values = tuple(float(metrics[o]) for o in self.cfg.objectives)
+        return values if self.cfg.multi_objective else values[0]
+
+    def constraint_values(self, cost: dict[str, int]) -> list[float]:
+        limits = self.cfg.constraints
+        return [
+            cost[k] - limit
+            for k, limit in (("flops", limits.max_flops), ("params", limits.max_params))
+            if limit is not None
+        ]
+
+    def fit(self, design: TrialDesign, seed: int, trial: optuna.Trial | None) -> dict[str, Any]:
+        """Train and evaluate ``design``; with a ``trial``, report and prune through it."""
+        pl.seed_everything(seed, workers=True, verbose=False)
+        model = SEClassifier(design.arch, design.recipe)
+        callback = PruningCallback(trial, self.mo_pruner) if trial is not None else None
+        trainer = make_trainer(
+            design.recipe.epochs,
+            accelerator=self.devices.accelerator,
+            devices=self.devices.devices,
+            strategy=self.devices.strategy,
+            callbacks=[callback] if callback else [],
+        )
+        start = time.perf_counter()
+        trainer.fit(model, datamodule=self.dm)
+        train_seconds = time.perf_counter() - start
+        curve = callback.curve if callback else []
+        result: dict[str, Any] = {
+            "epochs_run": len(curve) or trainer.current_epoch,
+            "train_seconds": round(train_seconds, 3),
+        }
+        if callback and callback.pruned_at_epoch:
+            return {**result, "pruned_at_epoch": callback.pruned_at_epoch}
+        val = float(trainer.callback_metrics["val_accuracy"]) if not curve else curve[-1]
+        tested = trainer.test(model, datamodule=self.dm, verbose=False)
+        return {**result, "val_accuracy": val, "test_accuracy": float(tested[0][TEST_ACCURACY])}

@@ -1,0 +1,158 @@
+"""Pruning on validation accuracy, for single- and multi-objective studies.
+
+Optuna refuses ``trial.report``/``should_prune`` in multi-objective studies and none of its pruners accept
+them. Single-objective studies use Optuna's pruners directly. Multi-objective studies record each epoch's
+validation accuracy on the trial (user attribute ``val_accuracy_curve``) and ask the same Optuna pruner
+about those curves through a throw-away in-memory single-objective study that holds the comparable
+trials' curves ("shadow study"), so the decision is Optuna's own rule, not a reimplementation. With
+``pareto_aware`` only trials whose FLOPs are at most the current trial's are comparable: a cheap network
+is never pruned for being worse than networks that cost more.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import optuna
+import pytorch_lightning as pl
+from optuna.trial import TrialState
+
+from lightning_modules.classifier import VAL_ACCURACY
+from lightning_modules.registry import Registry
+
+__all__ = [
+    "CURVE_ATTR",
+    "PRUNERS",
+    "MultiObjectivePruner",
+    "PruningCallback",
+    "make_pruner",
+    "shadow_should_prune",
+]
+
+CURVE_ATTR = "val_accuracy_curve"
+FLOPS_ATTR = "flops"
+
+PRUNERS: Registry[Callable[..., optuna.pruners.BasePruner]] = Registry("pruner")
+PRUNERS.register("none")(optuna.pruners.NopPruner)
+PRUNERS.register("median")(optuna.pruners.MedianPruner)
+PRUNERS.register("percentile")(optuna.pruners.PercentilePruner)
+PRUNERS.register("successive_halving")(optuna.pruners.SuccessiveHalvingPruner)
+PRUNERS.register("hyperband")(optuna.pruners.HyperbandPruner)
+PRUNERS.register("threshold")(optuna.pruners.ThresholdPruner)
+
+# Hyperband assigns brackets by trial identity, which a shadow study cannot reproduce.
+SINGLE_OBJECTIVE_ONLY = frozenset({"hyperband"})
+
+
+def make_pruner(name: str, options: Mapping[str, Any]) -> optuna.pruners.BasePruner:
+    try:
+        return PRUNERS.get(name)(**dict(options))
+    except TypeError as e:
+        raise ValueError(f"pruner.options: {e}") from None
+
+
+def _rung_attrs(pruner: optuna.pruners.BasePruner, curve: Sequence[float], upto: int) -> dict[str, float]:
+    """Successive halving's ``completed_rung_k`` attributes a trial with ``curve`` wrote before step ``upto``.
+
+    Asynchronous SH records the value at each rung's promotion step when the trial reaches it; rebuilding
+    them from the curve lets the shadow study hold exactly what the real pruner would have stored.
+    """
+    if not isinstance(pruner, optuna.pruners.SuccessiveHalvingPruner):
+        return {}
+    min_resource = pruner._min_resource if isinstance(pruner._min_resource, int) else 1
+    attrs, rung = {}, 0
+    while True:
+        step = min_resource * pruner._reduction_factor ** (pruner._min_early_stopping_rate + rung)
+        if step >= upto or step > len(curve):
+            return attrs
+        attrs[f"completed_rung_{rung}"] = curve[step - 1]
+        rung += 1
+
+
+def shadow_should_prune(
+    pruner_factory: Callable[[], optuna.pruners.BasePruner],
+    curve: Sequence[float],
+    finished: Sequence[tuple[Sequence[float], bool]],
+) -> bool:
+    """Optuna's decision for a trial whose accuracy curve (step k = after epoch k) is ``curve``, against
+    ``finished`` trials given as (curve, completed?) pairs. A fresh pruner is made per decision, since
+    some pruners cache study facts on themselves."""
+    pruner = pruner_factory()
+    study = optuna.create_study(direction="maximize", pruner=pruner)
+    for other, completed in finished:
+        if not other:
+            continue
+        study.add_trial(
+            optuna.trial.create_trial(
+                state=TrialState.COMPLETE if completed else TrialState.PRUNED,
+                value=other[-1] if completed else None,
+                intermediate_values={step: v for step, v in enumerate(other, start=1)},
+                system_attrs=_rung_attrs(pruner, other, len(other) + 1),
+            )
+        )
+    trial = study.ask()
+    for step, value in enumerate(curve, start=1):
+        trial.report(value, step)
+    for key, value in _rung_attrs(pruner, curve, len(curve)).items():
+        study._storage.set_trial_system_attr(trial._trial_id, key, value)
+    return pruner.prune(study, study._storage.get_trial(trial._trial_id))
+
+
+class MultiObjectivePruner:
+    """Prunes a multi-objective trial on its validation-accuracy curve (see module docstring)."""
+
+    def __init__(self, name: str, options: Mapping[str, Any], pareto_aware: bool) -> None:
+        if name in SINGLE_OBJECTIVE_ONLY:
+            raise ValueError(
+                f"pruner: {name!r} works for single-objective studies only; for multi-objective "
+                f"studies use one of: {', '.join(n for n in PRUNERS.names() if n not in SINGLE_OBJECTIVE_ONLY)}"
+            )
+        self.name, self.options, self.pareto_aware = name, dict(options), pareto_aware
+        make_pruner(name, options)  # validate options now, not at the first epoch
+
+    def should_prune(self, trial: optuna.Trial, curve: Sequence[float]) -> bool:
+        if self.name == "none":
+            return False
+        own_flops = trial.user_attrs.get(FLOPS_ATTR)
+        finished = []
+        for t in trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)):
+            if self.pareto_aware and own_flops is not None and t.user_attrs.get(FLOPS_ATTR, float("inf")) > own_flops:
+                continue
+            finished.append((t.user_attrs.get(CURVE_ATTR, []), t.state == TrialState.COMPLETE))
+        return shadow_should_prune(lambda: make_pruner(self.name, self.options), curve, finished)
+
+
+class PruningCallback(pl.Callback):
+    """Records validation accuracy after every epoch and stops the fit when the trial should be pruned.
+
+    Only rank 0 talks to the study; its decision is broadcast, so every DDP rank stops together. The
+    objective turns ``pruned_at_epoch`` into ``optuna.TrialPruned`` after the fit returns.
+    """
+
+    def __init__(self, trial: optuna.Trial, mo_pruner: MultiObjectivePruner | None) -> None:
+        self.trial, self.mo_pruner = trial, mo_pruner
+        self.curve: list[float] = []
+        self.pruned_at_epoch: int | None = None
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking or VAL_ACCURACY not in trainer.callback_metrics:
+            return
+        self.curve.append(float(trainer.callback_metrics[VAL_ACCURACY]))
+        epoch = len(self.curve)
+        prune = False
+        if trainer.is_global_zero:
+            self.trial.set_user_attr(CURVE_ATTR, list(self.curve))
+            if self.mo_pruner is None:
+                self.trial.report(self.curve[-1], epoch)
+            if epoch < trainer.max_epochs:  # after the last epoch there is nothing left to save
+                prune = self._decide()
+        prune = trainer.strategy.broadcast(prune, src=0)
+        if prune:
+            self.pruned_at_epoch = epoch
+            trainer.should_stop = True
+
+    def _decide(self) -> bool:
+        if self.mo_pruner is None:
+            return self.trial.should_prune()
+        return self.mo_pruner.should_prune(self.trial, self.curve)

@@ -1,0 +1,270 @@
+"""``python -m search.run --study se_placement``: run an Optuna study of SE networks to the end.
+
+Validates everything first (study file, flags, storage, devices, data) so bad input exits with one line and
+code 2 before anything is written; then creates or resumes the study, starts one worker process per device
+slot, shows progress, and prints the Pareto front of validation accuracy against FLOPs with its hypervolume.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+from tqdm import tqdm
+
+from lightning_modules.backbones import BACKBONES
+from search.data import prepare_datamodule
+from search.devices import Slot, plan_slots
+from search.errors import UsageError
+from search.objective import Devices, TrialRunner
+from search.pareto import front_table, hypervolume, pareto_front, reference_costs
+from search.storage import masked, open_storage, resolve_storage_url, resolve_study_name, runs_dir
+from search.study_config import load_study
+from search.study_store import create_or_load_study, default_study_name
+from search.worker import FAIL_REASON_ATTR, WorkerSpec
+
+__all__ = ["main"]
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2 (argparse would print the whole usage)
+        raise UsageError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="python -m search.run", description=__doc__.splitlines()[0])
+    p.add_argument("--study", required=True, help="study name in studies/ or a path to a study file")
+    p.add_argument("--study-name", help="name of the study in the storage (default: the file's name plus overrides)")
+    p.add_argument("--storage", help="SQLAlchemy URL (default: $SE_SEARCH_STORAGE or sqlite:///RUNS/studies.db)")
+    p.add_argument("--runs-dir", help="directory for the default SQLite file and worker logs (default: ./runs)")
+    p.add_argument("--trials", type=int, help="total finished trials the study should hold (overrides the file)")
+    p.add_argument("--epochs", type=int, help="epochs per trial (overrides the study file)")
+    p.add_argument("--dataset", help="dataset name (overrides the study file)")
+    p.add_argument("--data-dir", help="where the dataset lives (overrides the study file and $SE_SEARCH_DATA_DIR)")
+    p.add_argument("--seed", type=int, help="study seed (overrides the study file)")
+    p.add_argument("--gpus", help="'all' or GPU indices like 0,1 (default: all GPUs when CUDA is present)")
+    p.add_argument("--trials-per-gpu", type=int, default=1, help="worker processes per GPU (default 1)")
+    p.add_argument("--workers", type=int, help="CPU worker processes when no GPU is used (default 1)")
+    p.add_argument(
+        "--heartbeat-interval",
+        type=int,
+        default=60,
+        help="seconds between trial heartbeats; 0 disables crash detection (default 60)",
+    )
+    p.add_argument("--grace-period", type=int, help="seconds without heartbeat before a trial is failed and retried")
+    p.add_argument("--rerun-trial", type=int, metavar="N", help="retrain stored trial N and compare its accuracy")
+    p.add_argument("--poll", type=float, default=1.0, help=argparse.SUPPRESS)
+    return p
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, object]:
+    return {"dataset": args.dataset, "data_dir": args.data_dir, "epochs": args.epochs, "seed": args.seed}
+
+
+def _check_positive(args: argparse.Namespace) -> None:
+    for flag in ("trials", "epochs", "heartbeat_interval", "grace_period"):
+        value = getattr(args, flag)
+        minimum = 0 if flag == "heartbeat_interval" else 1
+        if value is not None and value < minimum:
+            raise UsageError(f"--{flag.replace('_', '-')}: must be >= {minimum}, got {value}")
+
+
+def _trial_line(t: FrozenTrial) -> str:
+    a = t.user_attrs
+    head = f"trial {t.number:>4} {t.state.name:<8}"
+    if t.state == TrialState.FAIL:
+        return f"{head} {a.get(FAIL_REASON_ATTR, 'failed')}"
+    curve = a.get("val_accuracy_curve", [])
+    acc = a.get("val_accuracy", curve[-1] if curve else float("nan"))
+    test = f" test {a['test_accuracy']:.4f}" if "test_accuracy" in a else ""
+    stages = " ".join(a.get("placements", []))
+    return (
+        f"{head} val {acc:.4f}{test}  {a.get('flops', 0) / 1e6:9.2f} MFLOPs  {a.get('params', 0):>10,} params  "
+        f"{a.get('epochs_run', len(curve))} ep  {a.get('train_seconds', 0):.1f}s  [{stages}]"
+    )
+
+
+def _start_workers(slots: list[Slot], spec: WorkerSpec, log_dir: Path) -> list[tuple[subprocess.Popen, Path]]:
+    log_dir.mkdir(parents=True, exist_ok=True)
+    procs = []
+    for i, slot in enumerate(slots):
+        worker_spec = WorkerSpec(
+            **{**spec.__dict__, "accelerator": slot.accelerator, "devices": slot.devices, "threads": slot.threads}
+        )
+        log = log_dir / f"worker-{i}.log"
+        with log.open("ab") as fh:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "search.worker", worker_spec.to_json()],
+                env={**slot.env(), "PYTHONUNBUFFERED": "1"},
+                stdout=fh,
+                stderr=subprocess.STDOUT,
+            )
+        procs.append((proc, log))
+    return procs
+
+
+def _monitor(study: optuna.Study, procs: list[tuple[subprocess.Popen, Path]], trials: int, poll: float) -> None:
+    seen = {t.number for t in study.get_trials(deepcopy=False) if t.state.is_finished()}
+    done = Counter(t.state for t in study.get_trials(deepcopy=False) if t.state.is_finished())
+    bar = tqdm(
+        total=trials,
+        initial=done[TrialState.COMPLETE] + done[TrialState.PRUNED],
+        unit="trial",
+        file=sys.stderr,
+        dynamic_ncols=True,
+        disable=None,
+    )
+    best = None
+    try:
+        while True:
+            alive = any(p.poll() is None for p, _ in procs)
+            for t in study.get_trials(deepcopy=False):
+                if t.state.is_finished() and t.number not in seen:
+                    seen.add(t.number)
+                    done[t.state] += 1
+                    tqdm.write(_trial_line(t), file=sys.stdout)
+                    if t.state in (TrialState.COMPLETE, TrialState.PRUNED):
+                        bar.update(1)
+                    if t.state == TrialState.COMPLETE:
+                        best = max(best or 0.0, t.values[0])
+            bar.set_postfix(
+                done=done[TrialState.COMPLETE],
+                pruned=done[TrialState.PRUNED],
+                failed=done[TrialState.FAIL],
+                best=f"{best:.4f}" if best is not None else "-",
+            )
+            if not alive:
+                return
+            time.sleep(poll)
+    finally:
+        bar.close()
+
+
+def _report_worker_failures(procs: list[tuple[subprocess.Popen, Path]]) -> int:
+    bad = 0
+    for i, (proc, log) in enumerate(procs):
+        if proc.returncode not in (0, None):
+            bad += 1
+            tail = log.read_text(errors="replace").strip().splitlines()[-15:]
+            print(f"worker {i} exited with code {proc.returncode}; last lines of {log}:", file=sys.stderr)
+            print("\n".join(f"  {line}" for line in tail), file=sys.stderr)
+    return bad
+
+
+def _stop_workers(procs: list[tuple[subprocess.Popen, Path]], timeout: float = 60.0) -> None:
+    """Workers got the same Ctrl-C; give them time to mark their trials, then make sure they are gone."""
+    deadline = time.monotonic() + timeout
+    for proc, _ in procs:
+        try:
+            proc.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.terminate()
+            proc.wait(10)
+
+
+def _summary(study: optuna.Study) -> None:
+    trials = study.get_trials(deepcopy=False)
+    states = Counter(t.state.name for t in trials)
+    print(f"\nstudy {study.study_name!r}: " + ", ".join(f"{n} {s.lower()}" for s, n in sorted(states.items())))
+    front = pareto_front(study)
+    label = "Pareto front (validation accuracy vs FLOPs)" if len(study.directions) > 1 else "best trial"
+    print(f"{label}:\n{front_table(front)}")
+    objectives = study.user_attrs.get("objectives", ["val_accuracy"])
+    reference = study.user_attrs.get("reference_costs")
+    if len(objectives) > 1 and reference:
+        print(
+            f"hypervolume (accuracy x normalised cost, reference 2x plain backbone): "
+            f"{hypervolume(trials, objectives, reference):.4f}"
+        )
+
+
+def _rerun(args: argparse.Namespace, storage: optuna.storages.BaseStorage, name: str) -> int:
+    cfg = load_study(args.study, **_overrides(args))
+    study = optuna.load_study(study_name=resolve_study_name(storage, name), storage=storage)
+    stored = next((t for t in study.get_trials(deepcopy=False) if t.number == args.rerun_trial), None)
+    if stored is None:
+        raise UsageError(f"--rerun-trial: study {study.study_name!r} has no trial {args.rerun_trial}")
+    dm = prepare_datamodule(cfg)
+    gpu = plan_slots(args.gpus, 1, None)[0].accelerator == "gpu"
+    runner = TrialRunner(cfg, dm, Devices("gpu" if gpu else "cpu", 1))
+    design = runner.design(optuna.trial.FixedTrial(stored.params, stored.number))
+    result = runner.fit(design, stored.user_attrs.get("seed", cfg.seed + stored.number), None)
+    a = stored.user_attrs
+    print(f"trial {stored.number} ({stored.state.name}), seed {stored.user_attrs.get('seed')}:")
+    print(f"  stored: val {a.get('val_accuracy', float('nan')):.4f}  test {a.get('test_accuracy', float('nan')):.4f}")
+    print(f"  rerun:  val {result['val_accuracy']:.4f}  test {result['test_accuracy']:.4f}")
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    _check_positive(args)
+    cfg = load_study(args.study, trials=args.trials, **_overrides(args))
+    url = resolve_storage_url(args.storage, args.runs_dir)
+    slots = plan_slots(args.gpus, args.trials_per_gpu, args.workers)
+    storage = open_storage(url, heartbeat_interval=args.heartbeat_interval or None, grace_period=args.grace_period)
+    name = args.study_name or default_study_name(cfg, _overrides(args))
+    if args.rerun_trial is not None:
+        return _rerun(args, storage, name)
+    dm = prepare_datamodule(cfg)  # fails on missing data before the study is touched; fills the cache
+    shape = {"num_classes": dm.num_classes, "in_channels": dm.in_channels, "image_size": dm.image_size}
+    del dm
+    gc.collect()
+    study = create_or_load_study(
+        storage,
+        name,
+        cfg,
+        BACKBONES.get(cfg.backbone)().num_stages,
+        {"reference_costs": reference_costs(cfg, **shape), "data_shape": shape},
+    )
+    print(
+        f"study {name!r} in {masked(url)}: {cfg.trials} trials, {len(slots)} worker(s) on "
+        f"{', '.join(sorted({s.accelerator for s in slots}))}",
+        flush=True,
+    )
+    spec = WorkerSpec(
+        study=args.study,
+        study_name=name,
+        storage=url,
+        trials=cfg.trials,
+        overrides={k: v for k, v in _overrides(args).items() if v is not None},
+        heartbeat_interval=args.heartbeat_interval or None,
+        grace_period=args.grace_period,
+    )
+    procs = _start_workers(slots, spec, runs_dir(args.runs_dir) / "logs" / name)
+    try:
+        _monitor(study, procs, cfg.trials, args.poll)
+    except KeyboardInterrupt:
+        print(
+            "\ninterrupted: stopping workers (their running trials are marked failed); rerun the same command "
+            "to resume",
+            file=sys.stderr,
+        )
+        _stop_workers(procs)
+        _summary(study)
+        return 130
+    failed_workers = _report_worker_failures(procs)
+    _summary(study)
+    finished = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
+    return 0 if finished >= cfg.trials and not failed_workers else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        return run(build_parser().parse_args(argv))
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    sys.exit(main())

@@ -1,0 +1,142 @@
+"""Creating and loading studies with their provenance, and refusing a changed definition.
+
+Every study stores its validated definition, its hash, the package versions and the git revision
+(DESIGN.md convention 9), so a result can be traced and re-run.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+
+import optuna
+
+from search.errors import UsageError
+from search.pruning import make_pruner
+from search.samplers import make_sampler
+from search.space import grid_search_space
+from search.study_config import StudyConfig
+
+__all__ = [
+    "DEFINITION_ATTR",
+    "HASH_ATTR",
+    "create_or_load_study",
+    "default_study_name",
+    "load_existing_study",
+    "make_sampler_for",
+    "provenance",
+]
+
+DEFINITION_ATTR = "definition"
+HASH_ATTR = "definition_hash"
+PACKAGES = ("se-search", "torch", "torchvision", "pytorch-lightning", "torchmetrics", "optuna", "sqlalchemy", "pandas")
+
+
+def default_study_name(cfg: StudyConfig, overridden: dict[str, object]) -> str:
+    """The study file's name, plus the definition-changing overrides (``se_placement-dataset=digits-epochs=2``)
+    so a quick run never collides with the real study in the same storage."""
+    parts = [f"{k}={v}" for k, v in overridden.items() if v is not None and k in ("dataset", "epochs", "seed")]
+    return "-".join([cfg.name, *parts])
+
+
+def _git_revision() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(__file__).parent,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
+        )
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain"],
+            cwd=Path(__file__).parent,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    rev = out.stdout.strip() or "unknown"
+    return f"{rev}+dirty" if dirty.stdout.strip() else rev
+
+
+def provenance() -> dict[str, object]:
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return {
+        "versions": versions,
+        "git_revision": _git_revision(),
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def make_sampler_for(cfg: StudyConfig, num_stages: int) -> optuna.samplers.BaseSampler:
+    try:
+        grid = grid_search_space(cfg, num_stages) if cfg.sampler.name == "grid" else {}
+        return make_sampler(
+            cfg.sampler.name,
+            cfg.seed,
+            cfg.sampler.options,
+            grid,
+            constrained=cfg.constraints.max_flops is not None or cfg.constraints.max_params is not None,
+        )
+    except ValueError as e:
+        raise UsageError(f"study {cfg.name!r}: {e}") from None
+
+
+def _check_definition(study: optuna.Study, cfg: StudyConfig) -> None:
+    stored = study.user_attrs.get(HASH_ATTR)
+    if stored is not None and stored != cfg.definition_hash():
+        raise UsageError(
+            f"study {study.study_name!r} exists with a different definition (stored {stored}, now "
+            f"{cfg.definition_hash()}); give another --study-name, or restore the study file"
+        )
+
+
+def load_existing_study(storage: optuna.storages.BaseStorage, name: str) -> optuna.Study | None:
+    try:
+        return optuna.load_study(study_name=name, storage=storage)
+    except KeyError:
+        return None
+
+
+def create_or_load_study(
+    storage: optuna.storages.BaseStorage,
+    name: str,
+    cfg: StudyConfig,
+    num_stages: int,
+    extra_attrs: dict[str, object] | None = None,
+) -> optuna.Study:
+    """Load ``name`` if it exists (refusing a changed definition) or create it with its provenance."""
+    sampler = make_sampler_for(cfg, num_stages)
+    try:
+        pruner = make_pruner(cfg.pruner.name, cfg.pruner.options) if not cfg.multi_objective else None
+    except ValueError as e:
+        raise UsageError(f"study {cfg.name!r}: {e}") from None
+    existing = load_existing_study(storage, name)
+    if existing is not None:
+        _check_definition(existing, cfg)
+        if existing.directions != optuna.create_study(directions=cfg.directions).directions:
+            raise UsageError(f"study {name!r} exists with other objectives; give another --study-name")
+    study = optuna.create_study(
+        storage=storage, study_name=name, directions=cfg.directions, sampler=sampler, pruner=pruner, load_if_exists=True
+    )
+    if HASH_ATTR not in study.user_attrs:
+        study.set_metric_names(list(cfg.objectives))
+        study.set_user_attr(DEFINITION_ATTR, json.dumps(cfg.identity(), sort_keys=True))
+        study.set_user_attr("study_file_name", cfg.name)
+        study.set_user_attr("objectives", list(cfg.objectives))
+        for key, value in {**provenance(), **(extra_attrs or {})}.items():
+            study.set_user_attr(key, value)
+        study.set_user_attr(HASH_ATTR, cfg.definition_hash())
+    return study

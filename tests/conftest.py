@@ -1,0 +1,27 @@
+"""Shared fixtures: every test gets its own data, cache and runs directories (never the home directory)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_CIFAR = REPO.parent / "shared" / "data" / "cifar10-jpeg"
+
+
+@pytest.fixture(autouse=True)
+def _isolated_dirs(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    root = tmp_path_factory.getbasetemp()
+    # The decoded-data cache is shared by the whole session (as it is by a study's workers); data and runs
+    # directories are per test.
+    monkeypatch.setenv("SE_SEARCH_CACHE_DIR", str(root / "cache"))
+    monkeypatch.setenv("SE_SEARCH_DATA_DIR", str(root / "data"))
+    monkeypatch.delenv("SE_SEARCH_STORAGE", raising=False)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", os.environ.get("CUDA_VISIBLE_DEVICES", ""))
+
+
+def postgres_url() -> str | None:
+    """The PostgreSQL server the storage tests use: $SE_SEARCH_TEST_POSTGRES (CI sets it)."""
+    return os.environ.get("SE_SEARCH_TEST_POSTGRES")

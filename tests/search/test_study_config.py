@@ -1,0 +1,114 @@
+"""Study files: every shipped study validates; bad files fail with the file, key and allowed values."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import optuna
+import pytest
+
+from search.errors import UsageError
+from search.space import grid_search_space, suggest
+from search.study_config import STUDIES_DIR, load_study
+
+SHIPPED = sorted(p.stem for p in STUDIES_DIR.glob("*.yaml"))
+
+
+def test_shipped_studies_include_flagship_and_ablations() -> None:
+    assert {"se_placement", "ablation_placement", "ablation_reduction", "ablation_pooling", "ablation_stages"} <= set(
+        SHIPPED
+    )
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_study_config_shipped_file_validates(name: str) -> None:
+    cfg = load_study(name)
+    assert cfg.name == name
+    assert cfg.objectives[0] == "val_accuracy"
+
+
+def _write(tmp_path: Path, text: str) -> str:
+    path = tmp_path / "study.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+BASE = """
+backbone: resnet20
+search_space: {placement: [none, standard]}
+"""
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (BASE + "colour: red\n", "unknown key 'colour'"),
+        ("backbone: resnet99\nsearch_space: {}\n", "backbone: unknown value 'resnet99'; allowed: resnet20"),
+        (
+            "backbone: resnet20\nsearch_space: {placement: [sideways]}\n",
+            "search_space.placement: unknown value 'sideways'; allowed: none, standard",
+        ),
+        (
+            "backbone: resnet20\nsearch_space: {pooling: [median]}\n",
+            "search_space.pooling: unknown value 'median'; allowed: avg, max",
+        ),
+        (
+            "backbone: resnet20\nsearch_space: {reduction: [0]}\n",
+            "search_space.reduction: choices must be integers >= 1",
+        ),
+        (BASE + "training: {epochs: 0}\n", "training.epochs: must be an integer >= 1"),
+        (BASE + "training: {optimizer: lbfgs}\n", "training.optimizer: unknown value 'lbfgs'; allowed: sgd, adamw"),
+        (BASE + "training: {epochs: ten}\n", "training.epochs: expected an integer"),
+        (BASE + "objectives: [flops]\n", "objectives: the first objective must be val_accuracy"),
+        (BASE + "objectives: [val_accuracy, speed]\n", "objectives: unknown value 'speed'"),
+        (BASE + "data: {datset: cifar10}\n", "data: unknown key 'datset'"),
+        ("backbone: [unclosed\n", "cannot parse the study file"),
+        ("- just\n- a list\n", "a study file must be a mapping"),
+    ],
+)
+def test_study_config_bad_file_names_file_and_key(tmp_path: Path, text: str, expected: str) -> None:
+    path = _write(tmp_path, text)
+    with pytest.raises(UsageError) as info:
+        load_study(path)
+    message = str(info.value)
+    assert path in message and expected in message
+    assert "\n" not in message
+
+
+def test_study_config_unknown_study_lists_known_ones() -> None:
+    with pytest.raises(UsageError, match=r"unknown study 'nope'.*se_placement"):
+        load_study("nope")
+
+
+def test_study_config_overrides_change_identity_but_not_location() -> None:
+    base = load_study("se_placement")
+    assert load_study("se_placement", dataset="digits").definition_hash() != base.definition_hash()
+    assert load_study("se_placement", epochs=3).definition_hash() != base.definition_hash()
+    assert load_study("se_placement", data_dir="/elsewhere", trials=3).definition_hash() == base.definition_hash()
+
+
+def test_space_none_stage_suggests_no_ratio_or_pooling() -> None:
+    cfg = load_study("se_placement")
+    study = optuna.create_study(directions=["maximize", "minimize"], sampler=optuna.samplers.RandomSampler(seed=0))
+    seen_none = False
+    for _ in range(40):
+        trial = study.ask()
+        design = suggest(trial, cfg, num_classes=10, in_channels=3, image_size=32)
+        for i, placement in enumerate(design.arch.placements, start=1):
+            assert trial.params[f"stage{i}.placement"] == placement
+            has_ratio = f"stage{i}.reduction" in trial.params and f"stage{i}.pooling" in trial.params
+            assert has_ratio == (placement != "none")
+            seen_none |= placement == "none"
+            if placement != "none":
+                assert design.arch.reductions[i - 1] == trial.params[f"stage{i}.reduction"]
+        study.tell(trial, [0.5, 1.0])
+    assert seen_none
+
+
+def test_space_grid_covers_the_paper_tables() -> None:
+    assert grid_search_space(load_study("ablation_placement"), 3) == {
+        "placement": ["none", "standard", "pre", "post", "identity"]
+    }
+    assert grid_search_space(load_study("ablation_reduction"), 3) == {"reduction": [2, 4, 8, 16, 32]}
+    stages = grid_search_space(load_study("ablation_stages"), 3)
+    assert stages == {f"stage{i}.placement": ["none", "standard"] for i in (1, 2, 3)}

@@ -32,7 +32,7 @@ from lightning_modules.data.splits import (
     stratified_split,
 )
 
-__all__ = ["FAST_PATH_MAX_SIZE", "ArrayDataModule", "SourceArrays", "resize_uint8"]
+__all__ = ["FAST_PATH_MAX_SIZE", "ArrayDataModule", "SourceArrays", "channel_stats", "pixel_sums", "resize_uint8"]
 
 # Images up to this size (CIFAR is 32) are held whole on the device; larger ones go through DataLoaders.
 FAST_PATH_MAX_SIZE = 64
@@ -53,6 +53,7 @@ class SourceArrays:
     source: str
     cache_file: str | None = None
     cache_hit: bool | None = None
+    train_pixel_sums: np.ndarray | None = None  # ``pixel_sums(train_images)`` when already known (cache)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -80,24 +81,29 @@ class _Prepared:
         return images[idx], labels[idx]
 
 
-def channel_stats(images: np.ndarray, indices: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Per-channel mean and std of ``images[indices]`` (uint8 (N, C, H, W)) on the [0, 1] scale.
+def pixel_sums(images: np.ndarray) -> np.ndarray:
+    """Per image and channel, the sum of pixel values and of their squares: int64 (N, C, 2), exact.
 
-    Sums and sums of squares are exact integers (float32 sums of squares over rows of at most 64 pixels
-    stay below 2**24, then int64) and the division is float64, so the result does not drift with the
-    number of images. Chunked, so the split is never copied whole.
+    Squares are summed in float32 over rows of at most 64 pixels (below 2**24, so exact), then in int64.
+    Kept with the decode cache, so the normalisation of any split is a sum over rows, not a pass over
+    the images.
     """
-    c = images.shape[1]
-    total = np.zeros(c, np.int64)
-    total_sq = np.zeros(c, np.int64)
-    for s in range(0, len(indices), 2048):
-        chunk = images[indices[s : s + 2048]]
-        total += chunk.sum(axis=(0, 2, 3), dtype=np.int64)
+    out = np.empty((len(images), images.shape[1], 2), np.int64)
+    for s in range(0, len(images), 2048):
+        chunk = np.asarray(images[s : s + 2048])
+        out[s : s + 2048, :, 0] = chunk.sum(axis=(2, 3), dtype=np.int64)
         f = chunk.astype(np.float32)
-        total_sq += np.einsum("nchw,nchw->nch", f, f).astype(np.int64).sum(axis=(0, 2))
-    count = len(indices) * images.shape[2] * images.shape[3]
-    mean = total / (count * 255.0)
-    var = total_sq / (count * 255.0**2) - mean**2
+        out[s : s + 2048, :, 1] = np.einsum("nchw,nchw->nch", f, f).astype(np.int64).sum(axis=2)
+    return out
+
+
+def channel_stats(sums: np.ndarray, pixels_per_image: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std on the [0, 1] scale of the images whose ``pixel_sums`` rows are ``sums``:
+    exact integer totals, divided in float64, so the result does not drift with the number of images."""
+    total = sums.sum(axis=0)  # (C, 2) int64
+    count = len(sums) * pixels_per_image
+    mean = total[:, 0] / (count * 255.0)
+    var = total[:, 1] / (count * 255.0**2) - mean**2
     std = np.sqrt(np.maximum(var, 1e-12))
     return tuple(float(m) for m in mean), tuple(float(v) for v in std)
 
@@ -231,7 +237,8 @@ class ArrayDataModule(pl.LightningDataModule):
     def _split(self, src: SourceArrays) -> _Prepared:
         what = self.name
         train_pool = (src.train_images, src.train_labels.astype(np.int64))
-        size = src.train_images.shape[2]
+        h, w = src.train_images.shape[2:]
+        size = max(h, w)
         if size > FAST_PATH_MAX_SIZE:
             raise DataError(f"{what}: image size {size} is above the fast path's {FAST_PATH_MAX_SIZE}; "
                             f"pass image_size <= {FAST_PATH_MAX_SIZE}")
@@ -249,7 +256,8 @@ class ArrayDataModule(pl.LightningDataModule):
         n_val = split_count(self.cfg.val_size, len(rest), f"{what} val_size")
         train_pos, val_pos = stratified_split(labels[rest], n_val, self.cfg.split_seed)
         indices = {"train": rest[train_pos], "val": rest[val_pos], "test": test_idx}
-        mean, std = channel_stats(src.train_images, indices["train"])
+        sums = src.train_pixel_sums if src.train_pixel_sums is not None else pixel_sums(src.train_images)
+        mean, std = channel_stats(sums[indices["train"]], h * w)
         info = {
             "dataset": self.name,
             "source": src.source,

@@ -15,8 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from lightning_modules.data.base import FAST_PATH_MAX_SIZE, ArrayDataModule, SourceArrays
-from lightning_modules.data.cache import load_or_build, source_key
+from lightning_modules.data.base import FAST_PATH_MAX_SIZE, ArrayDataModule, SourceArrays, pixel_sums
+from lightning_modules.data.cache import load_or_build, meta_path, source_key
 from lightning_modules.data.decode import MixedSizesError, decode_images, probe_size
 from lightning_modules.data.errors import DataError
 from lightning_modules.data.folder_loaders import FolderLoaders
@@ -25,7 +25,7 @@ from lightning_modules.data.registry import DATASETS
 __all__ = ["IMAGE_EXTENSIONS", "FolderTree", "ImageFolderDataModule", "scan_tree"]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
-_CACHE_FORMAT = 1  # bump when the cache layout changes, so old files are not read
+_CACHE_FORMAT = 2  # bump when the cache layout changes, so old files are not read
 
 
 @dataclass(frozen=True)
@@ -122,7 +122,7 @@ class ImageFolderDataModule(ArrayDataModule):
             )
         self._tree: FolderTree | None = None
         self._folder: FolderLoaders | None = None
-        self._pending: tuple[dict[str, np.ndarray], Path, bool] | None = None
+        self._pending: SourceArrays | None = None
 
     @property
     def root(self) -> Path:
@@ -144,21 +144,27 @@ class ImageFolderDataModule(ArrayDataModule):
 
     def _cache_path(self, tree: FolderTree, size: tuple[int, int]) -> Path:
         key = source_key(tree.stats, _CACHE_FORMAT, size, self.cfg.image_size is not None, tree.classes)
-        return self.cache_root / f"imagefolder-{tree.root.name}-{key[:24]}.npz"
+        return self.cache_root / f"imagefolder-{tree.root.name}-{key[:24]}.npy"
 
-    def _decode(self, tree: FolderTree, size: tuple[int, int]) -> dict[str, np.ndarray]:
+    def _decode(self, tree: FolderTree, size: tuple[int, int]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """Train then test images as one array, and the metadata the cache keeps beside them."""
         resize = self.cfg.image_size is not None
-        arrays = {"classes": np.array(tree.classes), "train_labels": tree.labels("train"),
-                  "train_images": decode_images(tree.paths("train"), size, resize=resize,
-                                                what=f"imagefolder {tree.root} train")}
+        parts = [decode_images(tree.paths("train"), size, resize=resize, what=f"imagefolder {tree.root} train")]
         if tree.test is not None:
-            arrays["test_images"] = decode_images(tree.paths("test"), size, resize=resize,
-                                                  what=f"imagefolder {tree.root} test")
-            arrays["test_labels"] = tree.labels("test")
-        return arrays
+            parts.append(decode_images(tree.paths("test"), size, resize=resize,
+                                       what=f"imagefolder {tree.root} test"))
+        images = np.concatenate(parts) if len(parts) > 1 else parts[0]
+        meta = {
+            "classes": np.array(tree.classes),
+            "train_labels": tree.labels("train"),
+            "test_labels": tree.labels("test"),  # empty without test/
+            "has_test": np.array(tree.test is not None),
+            "train_pixel_sums": pixel_sums(parts[0]),
+        }
+        return images, meta
 
     def _cache_target(self) -> Path | None:
-        """The cache file for the fast path, or None when the tree needs the DataLoader path."""
+        """The cache entry for the fast path, or None when the tree needs the DataLoader path."""
         tree = self.tree()
         size = self._fast_size(tree)
         if size is None:
@@ -166,30 +172,43 @@ class ImageFolderDataModule(ArrayDataModule):
         path = self._cache_path(tree, size)
         return None if _mixed_marker(path).exists() else path
 
-    def _cached(self) -> tuple[dict[str, np.ndarray], Path, bool] | None:
-        """Decoded arrays (from the cache or decoded now), or None when the tree needs the DataLoader path."""
+    def _cached(self) -> SourceArrays | None:
+        """The decoded tree (from the cache, or decoded and cached now), or None when it needs the
+        DataLoader path."""
         if self._pending is not None:
             return self._pending
         path = self._cache_target()
         if path is None:
             return None
-        tree, size = self.tree(), self._fast_size(self.tree())
+        tree = self.tree()
+        size = self._fast_size(tree)
         assert size is not None
         try:
-            arrays, hit = load_or_build(path, lambda: self._decode(tree, size))
+            images, meta, hit = load_or_build(path, lambda: self._decode(tree, size))
         except MixedSizesError:
             # Remember it, so the next trial goes straight to the DataLoader path instead of decoding again.
             _mixed_marker(path).parent.mkdir(parents=True, exist_ok=True)
             _mixed_marker(path).touch()
             return None
-        return arrays, path, hit
+        classes = tuple(str(c) for c in meta["classes"])
+        if classes != tree.classes:  # pragma: no cover - the key covers the class list
+            raise DataError(f"imagefolder: cache {path} does not match {self.root}; delete it")
+        n_train = len(meta["train_labels"])
+        has_test = bool(meta["has_test"])
+        return SourceArrays(
+            train_images=images[:n_train], train_labels=meta["train_labels"],
+            test_images=images[n_train:] if has_test else None,
+            test_labels=meta["test_labels"] if has_test else None,
+            classes=classes, source=str(self.root), cache_file=str(path), cache_hit=hit,
+            train_pixel_sums=meta["train_pixel_sums"],
+        )
 
     # -- hooks ------------------------------------------------------------------------------------------
     def _prepare(self) -> None:
         """Decode and write the cache once per node, before the ranks call ``setup``; a cache that already
-        exists is not even read here."""
+        exists is not even opened here."""
         path = self._cache_target()
-        if path is not None and not path.exists():
+        if path is not None and not meta_path(path).exists():
             self._pending = self._cached()  # setup() in this process reuses the decoded arrays
 
     def setup(self, stage: str | None = None) -> None:
@@ -206,17 +225,9 @@ class ImageFolderDataModule(ArrayDataModule):
             self._pending = None
 
     def _load(self) -> SourceArrays:
-        cached = self._cached()
-        assert cached is not None
-        arrays, path, hit = cached
-        classes = tuple(str(c) for c in arrays["classes"])
-        if classes != self.tree().classes:  # pragma: no cover - the key covers the class list
-            raise DataError(f"imagefolder: cache {path} does not match {self.root}; delete it")
-        return SourceArrays(
-            train_images=arrays["train_images"], train_labels=arrays["train_labels"],
-            test_images=arrays.get("test_images"), test_labels=arrays.get("test_labels"),
-            classes=classes, source=str(self.root), cache_file=str(path), cache_hit=hit,
-        )
+        source = self._cached()
+        assert source is not None
+        return source
 
     # -- the DataLoader path delegates ----------------------------------------------------------------------
     def train_dataloader(self) -> Any:

@@ -444,6 +444,7 @@ def test_imagefolder_small_tree_end_to_end(tmp_path: Path) -> None:
     assert d["classes"] == ["ant", "bee", "cat"] and d["source"] == str(root.resolve())
     assert d["splits"] == {"train": 54, "val": 6, "test": 18} and d["test_from"] == "the source's test set"
     assert Path(d["cache_file"]).is_file() and d["cache_file"].startswith(os.environ[CACHE_DIR_ENV])
+    assert np.load(d["cache_file"], allow_pickle=False).shape == (78, 3, 12, 12)  # a plain .npy
     assert d["cache_hit"] is False
     x, y = next(iter(dm.train_dataloader()))
     assert x.shape == (8, 3, 12, 12) and y.shape == (8,)
@@ -604,7 +605,8 @@ def test_imagefolder_concurrent_workers_decode_once(tmp_path: Path) -> None:
     with concurrent.futures.ProcessPoolExecutor(2, mp_context=mp.get_context("fork")) as pool:
         hits = list(pool.map(_build_and_report, [str(root)] * 2, [str(cache)] * 2))
     assert sorted(hits) == [False, True]
-    assert [p.suffix for p in cache.iterdir() if not p.name.endswith(".lock")] == [".npz"]
+    names = sorted(p.name for p in cache.iterdir() if not p.name.endswith(".lock"))
+    assert len(names) == 2 and names[0].endswith(".meta.npz") and names[1].endswith(".npy")  # no temporaries
 
 
 # -- cifar ---------------------------------------------------------------------------------------------------

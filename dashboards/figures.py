@@ -32,7 +32,8 @@ STATE_STYLE = {  # state -> (colour, line style, legend name)
     "fail": ("#7f7f7f", ":", "failed"),
     "running": ("#2ca02c", "-", "running"),
 }
-MAX_FRONT_LABELS = 25
+MAX_FRONT_LABELS = 25  # labels on the front at most; beyond, every k-th front point
+MAX_ALL_LABELS = 15  # studies this small get every completed point labelled (the ablations)
 
 
 def _save(fig: Figure, path: Path) -> Path:
@@ -42,7 +43,8 @@ def _save(fig: Figure, path: Path) -> Path:
 
 
 def pareto_png(results: StudyResults, path: Path) -> Path:
-    """Validation accuracy against MFLOPs (or the study's cost), front highlighted, front points labelled."""
+    """Validation accuracy against MFLOPs (or the study's cost), front highlighted; front points labelled
+    with trial number and SE choices (every point in a study of a few trials)."""
     cost, unit = results.cost, COST_UNITS[results.cost]
     done = results.completed.dropna(subset=[cost])
     front = results.front
@@ -53,12 +55,16 @@ def pareto_png(results: StudyResults, path: Path) -> Path:
                zorder=2)
     ax.step(front[cost] / 1e6, front.val_accuracy, where="post", color="#d62728", lw=1.2, zorder=3)
     ax.scatter(front[cost] / 1e6, front.val_accuracy, s=40, color="#d62728", label="Pareto front", zorder=4)
-    step = max(1, math.ceil(len(front) / MAX_FRONT_LABELS))
-    for k, (_, row) in enumerate(front.iterrows()):
+    labelled = done.sort_values([cost, "val_accuracy"]) if len(done) <= MAX_ALL_LABELS else front
+    step = max(1, math.ceil(len(labelled) / MAX_FRONT_LABELS))
+    for k, (index, row) in enumerate(labelled.iterrows()):
         if k % step:
             continue
+        on_front = index in front.index
         ax.annotate(f"#{row.number} {results.label(row, short=True)}", (row[cost] / 1e6, row.val_accuracy),
-                    xytext=(6, 8 if k % 2 == 0 else -12), textcoords="offset points", fontsize=7, color="#67000d")
+                    xytext=(6, 8 if k % 2 == 0 else -12), textcoords="offset points", fontsize=7,
+                    color="#67000d" if on_front else "#08519c")
+    ax.ticklabel_format(axis="x", useOffset=False)
     ax.set_xlabel(unit + (" (FLOPs = 2 x MACs)" if cost == "flops" else ""))
     ax.set_ylabel("validation accuracy")
     scope = "" if results.multi_objective else " (single-objective study: non-dominated trials)"
@@ -93,7 +99,7 @@ def learning_curves_png(results: StudyResults, path: Path) -> Path:
         rows = results.trials[(results.trials.state == state) & (results.trials.val_accuracy_curve.map(len) > 0)]
         for curve in rows.val_accuracy_curve:
             epochs = range(1, len(curve) + 1)
-            ax.plot(epochs, curve, style, color=colour, lw=1.0, alpha=0.7)
+            ax.plot(epochs, curve, style, marker=".", ms=3, color=colour, lw=1.0, alpha=0.7)
             if state == "pruned":
                 ax.plot(len(curve), curve[-1], "x", color=colour, ms=7, mew=1.5)
         if len(rows):
@@ -110,7 +116,8 @@ def learning_curves_png(results: StudyResults, path: Path) -> Path:
 
 
 def choice_effects_png(results: StudyResults, path: Path) -> Path:
-    """Mean validation accuracy per value of each per-stage choice that varied, with 95% CIs."""
+    """Mean validation accuracy per value of each per-stage choice that varied, with 95% CIs; a value
+    seen in a single completed trial is drawn hollow, without an interval."""
     effects = choice_effects(results)
     factors = list(dict.fromkeys(effects.factor_label))
     columns = min(3, max(1, len(factors)))
@@ -126,8 +133,13 @@ def choice_effects_png(results: StudyResults, path: Path) -> Path:
             continue
         part = effects[effects.factor_label == factors[k]]
         x = range(len(part))
-        half = (part.ci_high - part["mean"]).fillna(0.0)
-        ax.errorbar(x, part["mean"], yerr=half, fmt="o", color="#1f77b4", capsize=4, ms=5)
+        with_ci = (part.n > 1).to_numpy()
+        xs = list(x)
+        ax.errorbar([xs[i] for i in range(len(xs)) if with_ci[i]], part["mean"][with_ci],
+                    yerr=(part.ci_high - part["mean"])[with_ci], fmt="o", color="#1f77b4", capsize=4, ms=5)
+        ax.plot([xs[i] for i in range(len(xs)) if not with_ci[i]], part["mean"][~with_ci], "o", mfc="white",
+                color="#1f77b4", ms=5)  # a single trial: no interval, hollow marker
+        ax.set_xlim(-0.5, len(xs) - 0.5)
         ax.set_xticks(list(x), [str(v) for v in part.value], rotation=30, fontsize=8)
         for xi, (m, n) in enumerate(zip(part["mean"], part.n, strict=True)):
             ax.annotate(f"n={n}", (xi, m), xytext=(5, -3), textcoords="offset points", fontsize=6, color="#555555")

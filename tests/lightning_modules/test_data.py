@@ -541,8 +541,8 @@ def test_imagefolder_mixed_sizes_without_image_size_fall_back(tmp_path: Path) ->
     assert again.describe()["pipeline"] == "dataloader"
 
 
-def _corrupt(root: Path) -> str:
-    bad = root / "train" / "bee" / "0003.png"
+def _corrupt(root: Path, ext: str = "png") -> str:
+    bad = root / "train" / "bee" / f"0003.{ext}"
     bad.write_bytes(b"this is not an image")
     return str(bad)
 
@@ -554,6 +554,7 @@ def _corrupt(root: Path) -> str:
         ("no_train", ["has no train/ folder"]),
         ("empty_class", ["class folder", "train/cow holds no images"]),
         ("corrupt", ["cannot decode image", "train/bee/0003.png", "fix or remove"]),
+        ("corrupt_jpg", ["cannot decode image", "train/bee/0003.jpg", "fix or remove"]),
         ("corrupt_large", ["cannot read image", "train/bee/0003.png"]),
         ("mismatch", ["class folders differ", "only in train: cat", "only in test: dog"]),
     ],
@@ -563,14 +564,16 @@ def test_imagefolder_errors_are_one_line_before_training(
 ) -> None:
     root = tmp_path / "tree"
     changes: dict[str, Any] = {}
+    ext = "jpg" if breakage == "corrupt_jpg" else "png"
     if breakage != "missing":
-        _write_tree(root, n_train=5, n_test=2)
+        _write_tree(root, n_train=5, n_test=2, ext=ext)
     if breakage == "no_train":
         (root / "train").rename(root / "training")
     elif breakage == "empty_class":
         (root / "train" / "cow").mkdir()
-    elif breakage in ("corrupt", "corrupt_large"):
-        fragments = [f.replace("train/bee/0003.png", _corrupt(root)) for f in fragments]
+    elif breakage.startswith("corrupt"):
+        bad = _corrupt(root, ext)
+        fragments = [f.replace(f"train/bee/0003.{ext}", bad) for f in fragments]
         if breakage == "corrupt_large":
             changes["image_size"] = 96
     elif breakage == "mismatch":

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Run HERE (the development machine) before a device run: fetches the wheels the GPU machine lacks into
+# .whl/ and packs the CIFAR-10 JPEG copy into one file in .devdata/ (the upload limit counts files).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo /.whl/ >> .git/info/exclude
+grep -qx '/.devdata/' .git/info/exclude 2>/dev/null || echo /.devdata/ >> .git/info/exclude
+platforms=(--platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64
+           --platform manylinux2014_x86_64 --platform manylinux1_x86_64)
+for pkg in optuna sqlalchemy alembic colorlog mako greenlet pyyaml tqdm; do
+  version=$(.venv/bin/python -c "from importlib.metadata import version; print(version('$pkg'))")
+  python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    "${platforms[@]}" -d .whl "$pkg==$version"
+done
+[ -f .devdata/cifar10-jpeg.npz ] || python3 ../shared/tools/jpeg_tree_blob.py pack ../shared/data/cifar10-jpeg .devdata/cifar10-jpeg.npz
+du -sh .whl .devdata

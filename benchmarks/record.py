@@ -1,0 +1,71 @@
+"""Machine-tagged benchmark results: JSON files in ``benchmarks/results/`` and the table in README.md."""
+
+from __future__ import annotations
+
+import json
+import platform
+import socket
+import subprocess
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["RESULTS_DIR", "machine", "render_table", "write_results"]
+
+HERE = Path(__file__).resolve().parent
+RESULTS_DIR = HERE / "results"
+README = HERE / "README.md"
+BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
+
+
+def machine() -> dict[str, Any]:
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {
+        "host": socket.gethostname(),
+        "cpu": platform.processor() or platform.machine(),
+        "cores": __import__("os").cpu_count(),
+        "gpu": gpu,
+        "gpus": torch.cuda.device_count(),
+        "torch": torch.__version__,
+    }
+
+
+def _commit() -> str:
+    out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True, check=False)
+    return out.stdout.strip() or "unknown"
+
+
+def write_results(results: list[dict[str, Any]]) -> Path:
+    """Write one JSON file for this run and refresh the README table from every stored run."""
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    info = machine()
+    stamp = datetime.now(timezone.utc)
+    tag = "gpu-" + info["gpu"].replace(" ", "_") if info["gpu"] else "cpu"
+    path = RESULTS_DIR / f"{stamp:%Y%m%dT%H%M%S}-{tag}.json"
+    payload = {"date": stamp.isoformat(timespec="seconds"), "commit": _commit(), "machine": info, "results": results}
+    path.write_text(json.dumps(payload, indent=2) + "\n")
+    runs = [json.loads(p.read_text()) for p in sorted(RESULTS_DIR.glob("*.json"))]
+    table = render_table(runs)
+    text = README.read_text() if README.exists() else f"# Benchmarks\n\n{BEGIN}\n{END}\n"
+    head, _, rest = text.partition(BEGIN)
+    _, _, tail = rest.partition(END)
+    README.write_text(f"{head}{BEGIN}\n{table}\n{END}{tail}")
+    return path
+
+
+def render_table(runs: list[dict[str, Any]]) -> str:
+    lines = [
+        "| date | device | commit | benchmark | result | target | met |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for run in runs:
+        device = run["machine"]["gpu"] or f"CPU, {run['machine']['cores']} cores"
+        for r in run["results"]:
+            met = {True: "yes", False: "**no**", None: "n/a"}[r.get("met")]
+            lines.append(
+                f"| {run['date'][:10]} | {device} | {run['commit']} | {r['name']} | {r['summary']} | "
+                f"{r['target']} | {met} |"
+            )
+    return "\n".join(lines)

@@ -225,7 +225,7 @@ def _parser() -> _Parser:
     )
     parser.add_argument("--image-size", default=None, help="input side (default: the preset's)")
     parser.add_argument("--num-classes", default=None, help="classifier outputs (default: the preset's)")
-    parser.add_argument("--in-channels", default=None, help="input channels (default: preset's)")
+    parser.add_argument("--in-channels", default=None, help="input channels (default: the preset's)")
     parser.add_argument("--json", action="store_true", help="print one JSON object {params, macs, flops}")
     return parser
 

@@ -10,7 +10,7 @@ the output must be the placement's formula with SE(z) = 0.5 z, which tells the p
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import pytest
 import torch
@@ -44,6 +44,16 @@ HALF_GATE: dict[str, Callable[[Fn, Fn, torch.Tensor], torch.Tensor]] = {
     "post": lambda f, s, x: 0.5 * torch.relu(f(x) + s(x)),
     "identity": lambda f, s, x: torch.relu(f(x) + 0.5 * s(x)),
 }
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Iterator[None]:
+    """Tiny tensors gain nothing from intra-op threads, and on a busy 2-core machine spinning OpenMP workers
+    slow them several-fold."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def _unit(geometry: tuple, placement: str, pooling: str = "avg") -> ResidualUnit:

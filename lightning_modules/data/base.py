@@ -32,7 +32,14 @@ from lightning_modules.data.splits import (
     stratified_split,
 )
 
-__all__ = ["FAST_PATH_MAX_SIZE", "ArrayDataModule", "SourceArrays", "channel_stats", "pixel_sums", "resize_uint8"]
+__all__ = [
+    "FAST_PATH_MAX_SIZE",
+    "ArrayDataModule",
+    "SourceArrays",
+    "channel_stats",
+    "pixel_sums",
+    "resize_uint8",
+]
 
 # Images up to this size (CIFAR is 32) are held whole on the device; larger ones go through DataLoaders.
 FAST_PATH_MAX_SIZE = 64
@@ -130,7 +137,7 @@ class ArrayDataModule(pl.LightningDataModule):
     with the default, which Lightning applies only to ``torch.utils.data.DataLoader``).
     """
 
-    name = "array"
+    name: ClassVar[str] = "array"
     # Horizontal flips in training augmentation; off where a mirrored image is not the same class.
     hflip: ClassVar[bool] = True
 
@@ -178,6 +185,17 @@ class ArrayDataModule(pl.LightningDataModule):
 
     def test_dataloader(self) -> DeviceBatchLoader:
         return self._loader("test")
+
+    def loader(self, split: str, *, device: torch.device, train: bool = False, seed: int = 0) -> DeviceBatchLoader:
+        """A loader of ``split`` on ``device`` without a Trainer (hand-written loops, benchmarks); ``train``
+        shuffles and augments exactly as ``train_dataloader`` does for a run seeded with ``seed``."""
+        d = self._prepared()
+        images, labels = self._on_device(device)[d.pool_of[split]]
+        return DeviceBatchLoader(
+            images, labels, indices=torch.from_numpy(d.indices[split]), batch_size=self.cfg.batch_size,
+            mean=d.mean, std=d.std, shuffle=train, augment=train and self.cfg.augment,
+            padding=default_padding(self.image_size), flip=self.hflip, seed=seed,
+        )
 
     # -- facts ----------------------------------------------------------------------------------------
     def _prepared(self) -> _Prepared:

@@ -1,4 +1,4 @@
-"""The decoded-image cache: plain NumPy files (``np.save``/``np.load``, ``allow_pickle=False``), never pickles.
+"""The decoded-image cache: plain NumPy files (``np.save``/``np.load``, ``allow_pickle=False``), no pickle.
 
 One entry per source tree and decode setting, keyed by a hash of the source files (sorted relative paths,
 sizes, modification times) and the settings: any change to the tree makes a new key, and a stale entry is

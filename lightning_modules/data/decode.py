@@ -1,8 +1,10 @@
 """Parallel decoding of image files into one uint8 (N, C, H, W) array, with progress on stderr.
 
-Decoding is the only per-image Python work in the fast path and happens once per source tree (then the
-cache is read), so it is spread over every CPU this process may use. Measured here: about 200 us per
-32x32 CIFAR JPEG per core with Pillow, so 60,000 images take a few seconds on 2 cores.
+Decoding is the only per-image work in the fast path and happens once per source tree (then the cache is
+read), so it is spread over every CPU this process may use, in chunks of 256 files. JPEGs are decoded in
+batches by torchvision's libjpeg-turbo binding (3.5x faster than Pillow per 32x32 image, same pixels);
+everything else, resizing and error reporting go through Pillow. Measured: the 60,000-image CIFAR-10 JPEG
+copy decodes in about 10 s on 2 (shared, busy) cores.
 """
 
 from __future__ import annotations
@@ -64,7 +66,8 @@ def _decode_jpegs(paths: Sequence[str], positions: list[int]) -> dict[int, torch
     if not positions or _decode_jpeg is None:
         return {}
     try:
-        data = [torch.frombuffer(bytearray(Path(paths[i]).read_bytes()), dtype=torch.uint8) for i in positions]
+        data = [torch.frombuffer(bytearray(Path(paths[i]).read_bytes()), dtype=torch.uint8)
+                for i in positions]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
             decoded = _decode_jpeg(data, mode=_RGB)

@@ -17,6 +17,7 @@ import numpy as np
 
 from lightning_modules.data.base import FAST_PATH_MAX_SIZE, ArrayDataModule, SourceArrays, pixel_sums
 from lightning_modules.data.cache import load_or_build, meta_path, source_key
+from lightning_modules.data.config import DataConfig
 from lightning_modules.data.decode import MixedSizesError, decode_images, probe_size
 from lightning_modules.data.errors import DataError
 from lightning_modules.data.folder_loaders import FolderLoaders
@@ -113,7 +114,7 @@ class ImageFolderDataModule(ArrayDataModule):
 
     name = "imagefolder"
 
-    def __init__(self, cfg: Any) -> None:
+    def __init__(self, cfg: DataConfig) -> None:
         super().__init__(cfg)
         if cfg.data_dir is None:
             raise DataError(
@@ -149,10 +150,10 @@ class ImageFolderDataModule(ArrayDataModule):
     def _decode(self, tree: FolderTree, size: tuple[int, int]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """Train then test images as one array, and the metadata the cache keeps beside them."""
         resize = self.cfg.image_size is not None
-        parts = [decode_images(tree.paths("train"), size, resize=resize, what=f"imagefolder {tree.root} train")]
+        what = f"imagefolder {tree.root}"
+        parts = [decode_images(tree.paths("train"), size, resize=resize, what=f"{what} train")]
         if tree.test is not None:
-            parts.append(decode_images(tree.paths("test"), size, resize=resize,
-                                       what=f"imagefolder {tree.root} test"))
+            parts.append(decode_images(tree.paths("test"), size, resize=resize, what=f"{what} test"))
         images = np.concatenate(parts) if len(parts) > 1 else parts[0]
         meta = {
             "classes": np.array(tree.classes),
@@ -261,6 +262,11 @@ class ImageFolderDataModule(ArrayDataModule):
     @property
     def split_indices(self) -> dict[str, np.ndarray]:
         return dict(self._folder.indices) if self._folder else super().split_indices
+
+    def split_arrays(self, split: str) -> tuple[np.ndarray, np.ndarray]:
+        if self._folder:
+            raise RuntimeError("imagefolder: split_arrays() needs the fast path; this tree uses DataLoaders")
+        return super().split_arrays(split)
 
     def describe(self) -> dict[str, Any]:
         return self._folder.describe() if self._folder else super().describe()

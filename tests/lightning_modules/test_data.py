@@ -75,11 +75,13 @@ def _write_fake_cifar(root: Path, name: str, per_batch: int = 30) -> Path:
     if name == "cifar10":
         folder, label_key, classes = root / "cifar-10-batches-py", "labels", [f"c{i}" for i in range(10)]
         files = [*(f"data_batch_{i}" for i in range(1, 6)), "test_batch"]
-        meta_name, meta = "batches.meta", {"label_names": classes, "num_cases_per_batch": per_batch, "num_vis": 3072}
+        meta_name = "batches.meta"
+        meta = {"label_names": classes, "num_cases_per_batch": per_batch, "num_vis": 3072}
     else:
         folder, label_key, classes = root / "cifar-100-python", "fine_labels", [f"f{i}" for i in range(100)]
         files = ["train", "test"]
-        meta_name, meta = "meta", {"fine_label_names": classes, "coarse_label_names": [f"k{i}" for i in range(20)]}
+        meta_name = "meta"
+        meta = {"fine_label_names": classes, "coarse_label_names": [f"k{i}" for i in range(20)]}
     folder.mkdir(parents=True)
     n_classes = len(classes)
     for f in files:
@@ -118,11 +120,11 @@ def _trainer(**overrides: Any) -> pl.Trainer:
 
 
 def _se_model(dm: Any, epochs: int = 1) -> pl.LightningModule:
-    """A small SE network (resnet20 at quarter width, SE on every residual branch) in the platform's module."""
+    """A small SE network (resnet20 at quarter width, SE on every residual branch), platform module."""
     from lightning_modules.classifier import SEClassifier, TrainingRecipe
 
-    arch = build_arch("resnet20", placement="standard", num_classes=dm.num_classes, in_channels=dm.in_channels,
-                      image_size=dm.image_size, width_multiplier=0.25)
+    arch = build_arch("resnet20", placement="standard", num_classes=dm.num_classes,
+                      in_channels=dm.in_channels, image_size=dm.image_size, width_multiplier=0.25)
     return SEClassifier(arch, TrainingRecipe(epochs=epochs, batch_size=dm.cfg.batch_size, lr=0.05))
 
 
@@ -269,7 +271,8 @@ def test_train_loader_epochs_differ_and_follow_set_epoch() -> None:
     assert not torch.equal(epoch0[0][1], epoch1[0][1])
     loader.sampler.set_epoch(0)  # what Lightning's fit loop calls, resumed runs included
     assert torch.equal(_batches(loader)[0][0], epoch0[0][0])
-    assert torch.equal(loader.epoch_indices(1), loader.epoch_indices(1)) and not torch.equal(loader.epoch_indices(0), loader.epoch_indices(1))
+    assert torch.equal(loader.epoch_indices(1), loader.epoch_indices(1))
+    assert not torch.equal(loader.epoch_indices(0), loader.epoch_indices(1))
 
 
 # -- device batch loader: augmentation, sharding ----------------------------------------------------------
@@ -277,7 +280,8 @@ def _label_images(n: int = 64, size: int = 16, channels: int = 3) -> tuple[torch
     """Each image is constant at (label + 1) * 10, so any crop of it shows only its label's value or zero
     padding: label alignment can be read off the pixels."""
     labels = torch.arange(n) % 10
-    images = ((labels + 1) * 10).to(torch.uint8)[:, None, None, None].expand(n, channels, size, size).contiguous()
+    values = ((labels + 1) * 10).to(torch.uint8)[:, None, None, None]
+    images = values.expand(n, channels, size, size).contiguous()
     return images, labels
 
 
@@ -320,7 +324,8 @@ def test_train_loader_shards_disjoint_and_equal_across_ranks() -> None:
     assert len(set(torch.cat(seen).tolist())) == 3 * 10 * 32  # disjoint
     assert all(torch.equal(s, r.epoch_indices(0)) for s, r in zip(seen, ranks, strict=True))
     with pytest.raises(ValueError, match="rank"):
-        DeviceBatchLoader(images, ids, batch_size=32, mean=[0.0], std=[1.0], shuffle=True, world_size=2, rank=2)
+        DeviceBatchLoader(images, ids, batch_size=32, mean=[0.0], std=[1.0], shuffle=True, world_size=2,
+                          rank=2)
 
 
 def test_training_split_smaller_than_batch_is_a_data_error() -> None:
@@ -348,6 +353,8 @@ def test_digits_lightning_fit_twice_reuses_loaded_data() -> None:
         test = trainer.test(model, datamodule=dm, verbose=False)[0]["test_accuracy"]
         results.append((val, test))
     assert dm.load_count == 1
+    # One device copy serves every trial's loaders (CPU here: the host arrays themselves, no copy).
+    assert dm.train_dataloader().images.data_ptr() == dm.test_dataloader().images.data_ptr()
     assert results[0] == pytest.approx(results[1])
     assert 0.0 <= results[0][0] <= 1.0 and 0.0 <= results[0][1] <= 1.0
 
@@ -384,6 +391,9 @@ def test_lightning_default_distributed_sampler_setting_is_safe() -> None:
         def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
             x, y = batch
             return torch.nn.functional.cross_entropy(self.fc(x.flatten(1)), y)
+
+        def validation_step(self, batch: Any, batch_idx: int) -> None:
+            pass
 
         def configure_optimizers(self) -> Any:
             return torch.optim.SGD(self.parameters(), lr=0.1)
@@ -499,7 +509,8 @@ def test_imagefolder_without_test_folder_carves_fixed_split(tmp_path: Path) -> N
     assert "carved" in a.describe()["test_from"]
     assert np.array_equal(a.split_indices["test"], b.split_indices["test"])
     assert not np.array_equal(a.split_indices["val"], b.split_indices["val"])
-    assert set(a.split_indices["test"]).isdisjoint(np.concatenate([a.split_indices["train"], a.split_indices["val"]]))
+    kept = np.concatenate([a.split_indices["train"], a.split_indices["val"]])
+    assert set(a.split_indices["test"]).isdisjoint(kept)
 
 
 def test_imagefolder_image_size_resizes_on_fast_path(tmp_path: Path) -> None:
@@ -613,7 +624,9 @@ def test_imagefolder_concurrent_workers_decode_once(tmp_path: Path) -> None:
 
 
 # -- cifar ---------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize(("name", "classes", "train", "test"), [("cifar10", 10, 150, 30), ("cifar100", 100, 150, 30)])
+@pytest.mark.parametrize(
+    ("name", "classes", "train", "test"), [("cifar10", 10, 150, 30), ("cifar100", 100, 150, 30)]
+)
 def test_cifar_local_copy_used_as_is(tmp_path: Path, name: str, classes: int, train: int, test: int) -> None:
     _write_fake_cifar(tmp_path / "data", name)
     dm = build_datamodule(DataConfig(name=name, data_dir=tmp_path / "data", batch_size=16, download=False))
@@ -622,9 +635,24 @@ def test_cifar_local_copy_used_as_is(tmp_path: Path, name: str, classes: int, tr
     assert (dm.num_classes, dm.in_channels, dm.image_size) == (classes, 3, 32)
     d = dm.describe()
     assert d["splits"]["test"] == test and d["splits"]["train"] + d["splits"]["val"] == train
-    assert d["test_from"] == "the source's test set" and d["source"].endswith(("cifar-10-batches-py", "cifar-100-python"))
+    assert d["test_from"] == "the source's test set"
+    assert d["source"].endswith(("cifar-10-batches-py", "cifar-100-python"))
     x, y = next(iter(dm.train_dataloader()))
     assert x.shape == (16, 3, 32, 32) and int(y.max()) < classes
+
+
+@pytest.mark.slow
+def test_cifar10_local_copy_lightning_fit(tmp_path: Path) -> None:
+    _write_fake_cifar(tmp_path, "cifar10")
+    dm = build_datamodule(DataConfig(name="cifar10", data_dir=tmp_path, batch_size=32, download=False))
+    dm.prepare_data()
+    dm.setup("fit")
+    pl.seed_everything(0, verbose=False)
+    model = _se_model(dm)
+    trainer = _trainer()
+    trainer.fit(model, datamodule=dm)
+    assert trainer.global_step == 135 // 32 and "val_accuracy" in trainer.callback_metrics
+    assert "test_accuracy" in trainer.test(model, datamodule=dm, verbose=False)[0]
 
 
 def test_cifar_pixels_and_labels_follow_torchvision_layout(tmp_path: Path) -> None:
@@ -663,7 +691,7 @@ def _network_unreachable() -> bool:
         return True
 
 
-@pytest.mark.skipif(not _network_unreachable(), reason="the CIFAR host is reachable: this would download 170 MB")
+@pytest.mark.skipif(not _network_unreachable(), reason="CIFAR host reachable: this would download 170 MB")
 def test_cifar_failed_download_fails_fast_with_fix(tmp_path: Path) -> None:
     start = time.perf_counter()
     with pytest.raises(DataError) as info:
@@ -684,7 +712,9 @@ def test_cifar_refuses_pickles_that_are_not_arrays(tmp_path: Path) -> None:
 
 
 # -- the shared CIFAR-10 JPEG copy --------------------------------------------------------------------------
-needs_shared = pytest.mark.skipif(not SHARED_CIFAR.is_dir(), reason=f"shared CIFAR-10 JPEG copy not at {SHARED_CIFAR}")
+needs_shared = pytest.mark.skipif(
+    not SHARED_CIFAR.is_dir(), reason=f"shared CIFAR-10 JPEG copy not at {SHARED_CIFAR}"
+)
 
 
 @needs_shared
@@ -702,10 +732,13 @@ def test_shared_cifar10_jpeg_subset_decodes_like_pillow(tmp_path: Path) -> None:
     dm.prepare_data()
     dm.setup("fit")
     assert (dm.num_classes, dm.in_channels, dm.image_size) == (10, 3, 32)
-    assert dm.describe()["classes"] == classes and dm.describe()["splits"] == {"train": 270, "val": 30, "test": 100}
+    assert dm.describe()["classes"] == classes
+    assert dm.describe()["splits"] == {"train": 270, "val": 30, "test": 100}
     images, labels = dm.split_arrays("test")
-    with Image.open(SHARED_CIFAR / "test" / classes[4] / sorted(os.listdir(SHARED_CIFAR / "test" / classes[4]))[3]) as im:
-        assert np.array_equal(images[43], np.asarray(im.convert("RGB")).transpose(2, 0, 1)) and labels[43] == 4
+    fourth = sorted((SHARED_CIFAR / "test" / classes[4]).iterdir())[3]  # class 4's test images start at 40
+    with Image.open(fourth) as im:
+        assert np.array_equal(images[43], np.asarray(im.convert("RGB")).transpose(2, 0, 1))
+    assert labels[43] == 4
     x, _ = next(iter(dm.train_dataloader()))
     assert x.shape == (32, 3, 32, 32)
 

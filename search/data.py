@@ -25,7 +25,7 @@ def data_config(cfg: StudyConfig) -> DataConfig:
             augment=d.augment,
         )
     except (DataError, ValueError) as e:
-        raise UsageError(f"data: {e}") from None
+        raise UsageError(f"{cfg.name}: data.{e}") from None
 
 
 def prepare_datamodule(cfg: StudyConfig) -> pl.LightningDataModule:

@@ -106,7 +106,7 @@ class DataSection:
 
     dataset: str = "cifar10"
     data_dir: str | None = None
-    val_size: float = 5000
+    val_size: int | float = 0.1
     split_seed: int = 0
     image_size: int | None = None
     augment: bool = True
@@ -295,11 +295,38 @@ def parse_study_file(path: Path) -> dict[str, Any]:
     return data
 
 
+def _deep_merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = _deep_merge(dict(merged[key]), value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _apply_dataset_profile(path: Path, data: dict[str, Any], dataset: str) -> dict[str, Any]:
+    """Merge ``by_dataset[<dataset in effect>]`` into the study: a study tuned for CIFAR can say how it runs
+    on another dataset (digits needs small batches: a batch of 512 is a third of its training set)."""
+    profiles = data.pop("by_dataset", {}) or {}
+    if not isinstance(profiles, Mapping) or not all(isinstance(v, Mapping) for v in profiles.values()):
+        raise UsageError(f"{path}: by_dataset: expected a mapping of dataset name -> study keys")
+    return _deep_merge(data, profiles.get(dataset, {}))
+
+
 def load_study(study: str, **overrides: Any) -> StudyConfig:
-    """Load, override (``dataset``, ``data_dir``, ``epochs``, ``trials``, ``seed``) and validate a study."""
+    """Load, override (``dataset``, ``data_dir``, ``epochs``, ``trials``, ``seed``) and validate a study.
+
+    Precedence: command-line overrides, then the study's ``by_dataset`` profile for the dataset in effect,
+    then the study's own keys, then the defaults.
+    """
     path = find_study_file(study)
     data = parse_study_file(path)
     data.setdefault("name", path.stem)
+    if data.get("data") is not None and not isinstance(data["data"], dict):
+        raise UsageError(f"{path}: data: expected a mapping of keys")
+    dataset = overrides.get("dataset") or (data.get("data") or {}).get("dataset") or DataSection.dataset
+    data = _apply_dataset_profile(path, data, dataset)
     sections = {"dataset": ("data", "dataset"), "data_dir": ("data", "data_dir"), "epochs": ("training", "epochs")}
     for name, value in overrides.items():
         if value is None:
@@ -309,7 +336,7 @@ def load_study(study: str, **overrides: Any) -> StudyConfig:
             data.setdefault(section, {})
             if not isinstance(data[section], dict):
                 raise UsageError(f"{path}: {section}: expected a mapping of keys")
-            data[section][key] = value
+            data[section] = {**data[section], key: value}
         else:
             data[name] = value
     try:

@@ -112,3 +112,21 @@ def test_space_grid_covers_the_paper_tables() -> None:
     assert grid_search_space(load_study("ablation_reduction"), 3) == {"reduction": [2, 4, 8, 16, 32]}
     stages = grid_search_space(load_study("ablation_stages"), 3)
     assert stages == {f"stage{i}.placement": ["none", "standard"] for i in (1, 2, 3)}
+
+
+def test_study_config_dataset_profile_applies_only_to_its_dataset() -> None:
+    cifar = load_study("se_placement")
+    digits = load_study("se_placement", dataset="digits", epochs=2)
+    assert cifar.training.batch_size == 512 and cifar.data.image_size is None
+    assert digits.training.batch_size == 64 and digits.data.image_size == 8
+    assert digits.training.epochs == 2  # the command line still wins over the profile
+    assert digits.training.momentum == cifar.training.momentum  # untouched keys are kept
+
+
+def test_study_config_bad_dataset_profile_is_refused(tmp_path: Path) -> None:
+    path = _write(tmp_path, BASE + "by_dataset: [digits]\n")
+    with pytest.raises(UsageError, match="by_dataset: expected a mapping"):
+        load_study(path)
+    path = _write(tmp_path, BASE + "data: {dataset: digits}\nby_dataset: {digits: {training: {epochz: 1}}}\n")
+    with pytest.raises(UsageError, match="training: unknown key 'epochz'"):
+        load_study(path)

@@ -51,26 +51,29 @@ def pareto_png(results: StudyResults, path: Path) -> Path:
     others = done.drop(index=front.index)
     fig = Figure(figsize=(7.5, 5.0))
     ax = fig.add_subplot()
-    ax.scatter(others[cost] / 1e6, others.val_accuracy, s=22, color="#9ecae1", label="other completed trials",
-               zorder=2)
+    if len(others):
+        ax.scatter(others[cost] / 1e6, others.val_accuracy, s=22, color="#9ecae1", label="other completed trials",
+                   zorder=2)
     ax.step(front[cost] / 1e6, front.val_accuracy, where="post", color="#d62728", lw=1.2, zorder=3)
     ax.scatter(front[cost] / 1e6, front.val_accuracy, s=40, color="#d62728", label="Pareto front", zorder=4)
     labelled = done.sort_values([cost, "val_accuracy"]) if len(done) <= MAX_ALL_LABELS else front
     step = max(1, math.ceil(len(labelled) / MAX_FRONT_LABELS))
+    middle = (done[cost].min() + done[cost].max()) / 2e6 if len(done) else 0.0
     for k, (index, row) in enumerate(labelled.iterrows()):
         if k % step:
             continue
-        on_front = index in front.index
-        ax.annotate(f"#{row.number} {results.label(row, short=True)}", (row[cost] / 1e6, row.val_accuracy),
-                    xytext=(6, 8 if k % 2 == 0 else -12), textcoords="offset points", fontsize=7,
-                    color="#67000d" if on_front else "#08519c")
+        x = row[cost] / 1e6
+        inwards = -1 if x > middle else 1  # labels point into the axes, so none runs off the figure
+        ax.annotate(f"#{row.number} {results.label(row, short=True)}", (x, row.val_accuracy),
+                    xytext=(6 * inwards, 8 if k % 2 == 0 else -12), textcoords="offset points", fontsize=7,
+                    ha="left" if inwards > 0 else "right", color="#67000d" if index in front.index else "#08519c")
     ax.ticklabel_format(axis="x", useOffset=False)
     ax.set_xlabel(unit + (" (FLOPs = 2 x MACs)" if cost == "flops" else ""))
     ax.set_ylabel("validation accuracy")
     scope = "" if results.multi_objective else " (single-objective study: non-dominated trials)"
     ax.set_title(f"{results.study_name}: accuracy vs {unit}{scope}", fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="best")
     return _save(fig, path)
 
 

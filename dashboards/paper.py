@@ -47,12 +47,13 @@ def _same_in_all_stages(choice: str) -> Callable[[pd.Series, int], str | None]:
         if len(values) != 1:
             return None
         value = values.pop()
-        return None if value is None or (isinstance(value, float) and math.isnan(value)) else str(value)
+        return None if pd.isna(value) else str(value)
     return variant
 
 
 def _stages_with_se(row: pd.Series, stages: int) -> str:
-    with_se = [str(i) for i in range(1, stages + 1) if row.get(f"stage{i}_placement") not in ("none", None)]
+    placements = [row.get(f"stage{i}_placement") for i in range(1, stages + 1)]
+    with_se = [str(i) for i, p in enumerate(placements, start=1) if not pd.isna(p) and p != "none"]
     if not with_se:
         return "none"
     return "all" if len(with_se) == stages else "+".join(with_se)

@@ -17,7 +17,6 @@ import pandas as pd
 import plotly.graph_objects as go
 from optuna_dashboard import save_plotly_graph_object
 from optuna_dashboard._custom_plot_data import get_plotly_graph_objects
-from plotly.subplots import make_subplots
 
 from dashboards.results import COST_UNITS, StudyResults, choice_effects, load_results
 
@@ -42,7 +41,10 @@ STATE_STYLE = {  # state -> (colour, line dash, legend name)
     "fail": ("#7f7f7f", "dot", "failed"),
     "running": ("#2ca02c", "solid", "running"),
 }
-_LAYOUT = {"template": "plotly_white", "margin": {"l": 60, "r": 20, "t": 60, "b": 50}, "height": 420}
+# No height: the dashboard draws every custom figure in a 450-pixel tile, and plotly fills it.
+_LAYOUT = {"template": "plotly_white", "margin": {"l": 60, "r": 20, "t": 70, "b": 70},
+           "legend": {"orientation": "h", "x": 0, "y": -0.2, "yanchor": "top"}}
+MAX_FRONT_LABELS = 12
 
 
 def _hover(results: StudyResults, row: pd.Series) -> str:
@@ -57,11 +59,14 @@ def _hover(results: StudyResults, row: pd.Series) -> str:
 
 
 def pareto_figure(results: StudyResults) -> go.Figure:
-    """Completed trials by validation accuracy and cost, the front highlighted and labelled by SE choices."""
+    """Completed trials by validation accuracy and cost, the front highlighted and labelled by SE choices
+    (every k-th front point when the front is long; every point's choices are in its hover text)."""
     cost, unit = results.cost, COST_UNITS[results.cost]
     done = results.completed.dropna(subset=[cost])
     front = results.front
     others = done.drop(index=front.index)
+    step = max(1, math.ceil(len(front) / MAX_FRONT_LABELS))
+    labels = [results.label(r, short=True) if k % step == 0 else "" for k, (_, r) in enumerate(front.iterrows())]
     fig = go.Figure()
     fig.add_trace(go.Scatter(
         x=(others[cost] / 1e6).tolist(), y=others.val_accuracy.tolist(), mode="markers", name="other trials",
@@ -69,13 +74,32 @@ def pareto_figure(results: StudyResults) -> go.Figure:
         hoverinfo="text"))
     fig.add_trace(go.Scatter(
         x=(front[cost] / 1e6).tolist(), y=front.val_accuracy.tolist(), mode="lines+markers+text",
-        name="Pareto front", line={"shape": "hv", "color": "#d62728"}, marker={"size": 11, "color": "#d62728"},
-        text=[results.label(r, short=True) for _, r in front.iterrows()], textposition="top left",
-        textfont={"size": 10}, hovertext=[_hover(results, r) for _, r in front.iterrows()], hoverinfo="text"))
-    subtitle = "" if results.multi_objective else " (study optimises accuracy only; front of accuracy vs cost)"
-    fig.update_layout(title=f"Pareto front: validation accuracy vs {unit}{subtitle}", xaxis_title=unit,
+        name="Pareto front", line={"shape": "hv", "color": "#d62728"}, marker={"size": 10, "color": "#d62728"},
+        text=labels, textposition=_label_positions((front[cost] / 1e6).tolist()),
+        textfont={"size": 9, "color": "#67000d"}, cliponaxis=False,
+        hovertext=[_hover(results, r) for _, r in front.iterrows()], hoverinfo="text"))
+    scope = "" if results.multi_objective else " (non-dominated; study optimises accuracy only)"
+    fig.update_layout(title=f"Pareto front by SE choices{scope}", xaxis_title=unit,
                       yaxis_title="validation accuracy", **_LAYOUT)
+    fig.update_xaxes(range=_padded(done[cost] / 1e6, 0.2))
+    fig.update_yaxes(range=_padded(done.val_accuracy, 0.12))
     return fig
+
+
+def _label_positions(xs: list[float]) -> list[str]:
+    """Text beside each point, pointing inwards (left of points in the right half, so labels stay inside the
+    tile), alternately above and below so neighbours do not overlap."""
+    middle = (min(xs) + max(xs)) / 2 if xs else 0.0
+    return [f"{'top' if k % 2 == 0 else 'bottom'} {'left' if x > middle else 'right'}" for k, x in enumerate(xs)]
+
+
+def _padded(values: pd.Series, fraction: float) -> list[float] | None:
+    """An axis range around ``values`` with room for text labels at both ends."""
+    if values.empty:
+        return None
+    low, high = float(values.min()), float(values.max())
+    pad = (high - low) * fraction or abs(high) * 0.01 or 1.0
+    return [low - pad, high + pad]
 
 
 def history_figure(results: StudyResults) -> go.Figure:
@@ -85,9 +109,11 @@ def history_figure(results: StudyResults) -> go.Figure:
         x=h.finished.tolist(), y=h.value.tolist(), mode="lines+markers", line={"shape": "hv"},
         hovertext=[f"{int(f)} finished (latest trial {int(n)}): {v:.4f}" for f, n, v in
                    zip(h.finished, h.number, h.value, strict=True)], hoverinfo="text", name=results.history_kind))
-    title = ("Hypervolume history (accuracy x cost normalised by 2x the plain backbone)"
-             if results.history_kind == "hypervolume" else "Best validation accuracy over trials")
-    fig.update_layout(title=title, xaxis_title="finished trials", yaxis_title=results.history_kind, **_LAYOUT)
+    title = "Hypervolume history" if results.history_kind == "hypervolume" else "Best accuracy over trials"
+    fig.update_layout(title=title, xaxis_title="finished trials (completion order)",
+                      yaxis_title=results.history_kind, **_LAYOUT)
+    if len(h) <= 10:
+        fig.update_xaxes(dtick=1)  # whole trials, not 2.5
     return fig
 
 
@@ -111,7 +137,8 @@ def learning_curves_figure(results: StudyResults) -> go.Figure:
         rows = df[(df.state == state) & (df.val_accuracy_curve.map(len) > 0)]
         if rows.empty:
             continue
-        curves = [(list(r.val_accuracy_curve), f"trial {r.number}: {results.label(r)}") for _, r in rows.iterrows()]
+        # Hover names the trial only: its SE choices would repeat at every epoch of a 1000-trial figure.
+        curves = [([round(v, 4) for v in r.val_accuracy_curve], f"trial {r.number}") for _, r in rows.iterrows()]
         xs, ys, texts = _joined(curves)
         fig.add_trace(go.Scatter(x=xs, y=ys, mode="lines", name=f"{name} ({len(rows)})", hovertext=texts,
                                  hoverinfo="text+y", line={"color": colour, "dash": dash, "width": 1.5},
@@ -121,34 +148,37 @@ def learning_curves_figure(results: StudyResults) -> go.Figure:
                 x=[len(c) for c, _ in curves], y=[c[-1] for c, _ in curves], mode="markers", name="pruned here",
                 marker={"symbol": "x", "size": 9, "color": colour}, hovertext=[t for _, t in curves],
                 hoverinfo="text+y"))
-    fig.update_layout(title="Learning curves: validation accuracy per epoch (pruned trials marked x)",
-                      xaxis_title="epoch", yaxis_title="validation accuracy", **_LAYOUT)
+    fig.update_layout(title="Learning curves (pruned: dashed, x)", xaxis_title="epoch",
+                      yaxis_title="validation accuracy", showlegend=True, **_LAYOUT)
+    fig.update_xaxes(dtick=1)
     return fig
 
 
 def choice_effects_figure(results: StudyResults) -> go.Figure:
-    """Mean validation accuracy per value of each per-stage choice, with 95% confidence intervals."""
+    """Mean validation accuracy per value of one per-stage choice, with 95% confidence intervals; a menu
+    picks the choice (the dashboard gives each figure a fixed 450-pixel tile, too small for a grid)."""
     effects = choice_effects(results)
-    factors = list(dict.fromkeys(effects.factor_label)) or ["(no choice varied among completed trials)"]
-    columns = 3 if len(factors) >= 3 else len(factors)
-    rows = math.ceil(len(factors) / columns)
-    fig = make_subplots(rows=rows, cols=columns, subplot_titles=factors, shared_yaxes=True,
-                        vertical_spacing=0.3 / max(rows, 1) + 0.05)
+    factors = list(dict.fromkeys(effects.factor_label))
+    fig = go.Figure()
     for k, factor in enumerate(factors):
         part = effects[effects.factor_label == factor]
-        if part.empty:
-            continue
         half = (part.ci_high - part["mean"]).where(part.n > 1)
         fig.add_trace(go.Scatter(
-            x=[str(v) for v in part.value], y=part["mean"].tolist(), mode="markers", showlegend=False,
-            marker={"size": 10, "color": "#1f77b4"},
-            error_y={"type": "data", "array": [None if pd.isna(v) else v for v in half], "visible": True},
-            hovertext=[f"{factor} = {v}: mean {m:.4f} (n={n})" for v, m, n in
-                       zip(part.value, part["mean"], part.n, strict=True)], hoverinfo="text"),
-            row=k // columns + 1, col=k % columns + 1)
-    layout = {**_LAYOUT, "height": max(_LAYOUT["height"], 300 * rows + 80)}
-    fig.update_layout(title="Effect of each per-stage choice on validation accuracy (mean, 95% CI)", **layout)
-    fig.update_yaxes(title_text="validation accuracy", col=1)
+            x=[str(v) for v in part.value], y=part["mean"].tolist(), mode="markers", name=factor, visible=k == 0,
+            marker={"size": 11, "color": "#1f77b4", "symbol": ["circle" if n > 1 else "circle-open" for n in part.n]},
+            error_y={"type": "data", "array": [None if pd.isna(v) else float(v) for v in half], "visible": True},
+            hovertext=[f"{factor} = {v}: mean {m:.4f}, n={n}" + ("" if n > 1 else " (no interval)")
+                       for v, m, n in zip(part.value, part["mean"], part.n, strict=True)], hoverinfo="text"))
+    title = "Per-stage choice effects (95% CI)"
+    if not factors:
+        title += ": no choice varied among completed trials"
+    buttons = [{"label": factor, "method": "update",
+                "args": [{"visible": [i == k for i in range(len(factors))]}, {"xaxis.title.text": factor}]}
+               for k, factor in enumerate(factors)]
+    fig.update_layout(title=title, xaxis_title=factors[0] if factors else "", yaxis_title="validation accuracy",
+                      showlegend=False, **_LAYOUT,
+                      updatemenus=[{"buttons": buttons, "direction": "down", "x": 1.0, "xanchor": "right",
+                                    "y": 1.02, "yanchor": "bottom", "showactive": True}] if len(factors) > 1 else [])
     fig.update_xaxes(type="category")
     return fig
 

@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 import numpy as np
 import optuna
 import pandas as pd
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 
 from search.export import SE_CHOICES, trials_dataframe
 from search.pareto import hypervolume
@@ -88,7 +90,7 @@ def se_label(row: pd.Series, stages: int, tied: bool, short: bool = False) -> st
     """The SE choices of a trial: ``std/r16/avg | none | pre/r4/max`` per stage, one entry when tied."""
     def stage(i: int) -> str:
         placement = row.get(f"stage{i}_placement")
-        if placement is None or (isinstance(placement, float) and math.isnan(placement)):
+        if pd.isna(placement):
             return "?"
         if placement == "none":
             return "none"
@@ -114,24 +116,27 @@ def non_dominated(df: pd.DataFrame, cost: str) -> list[Any]:
     return kept
 
 
-def _is_tied(study: optuna.Study, trials: pd.DataFrame) -> bool:
+def _is_tied(study: optuna.Study, trials: Sequence[FrozenTrial]) -> bool:
+    """Whether one SE choice applies to every stage: the study definition says so, or, for a study without
+    one, its trials carry untied parameter names (``placement`` rather than ``stage1.placement``)."""
     definition = json.loads(study.user_attrs.get("definition", "{}"))
     if "search_space" in definition:
         return bool(definition["search_space"].get("tie_stages", False))
-    return any(name in t.params for t in study.get_trials(deepcopy=False)[:50] for name in SE_CHOICES)
+    return any(name in t.params for t in trials for name in SE_CHOICES)
 
 
-def _history(study: optuna.Study, objectives: tuple[str, ...]) -> tuple[pd.DataFrame, str]:
+def _history(study: optuna.Study, trials: Sequence[FrozenTrial],
+             objectives: tuple[str, ...]) -> tuple[pd.DataFrame, str]:
     """Hypervolume (multi-objective with reference costs) or best validation accuracy after each finished
     trial, in completion order."""
-    finished = sorted((t for t in study.get_trials(deepcopy=False) if t.state.is_finished()),
-                      key=lambda t: (t.datetime_complete is None, t.datetime_complete, t.number))
+    finished = sorted((t for t in trials if t.state.is_finished()),
+                      key=lambda t: (t.datetime_complete or datetime.max, t.number))
     reference = study.user_attrs.get("reference_costs")
     use_hv = len(objectives) > 1 and bool(reference) and all(o in reference for o in objectives[1:])
     kind = "hypervolume" if use_hv else "best validation accuracy"
     if not finished:
         return pd.DataFrame({"finished": [], "number": [], "value": []}), kind
-    steps = sorted({int(round(x)) for x in np.linspace(1, len(finished), min(len(finished), _HISTORY_POINTS))})
+    steps = sorted({round(x) for x in np.linspace(1, len(finished), min(len(finished), _HISTORY_POINTS))})
     rows = []
     for k in steps:
         prefix = finished[:k]
@@ -150,13 +155,14 @@ def load_results(study: optuna.Study) -> StudyResults:
     trials = trials_dataframe(study)
     objectives = tuple(study.user_attrs.get("objectives") or study.metric_names or ["val_accuracy"])
     stages = sum(1 for c in trials.columns if c.endswith("_placement"))
-    history, kind = _history(study, objectives)
+    frozen = study.get_trials(deepcopy=False)
+    history, kind = _history(study, frozen, objectives)
     return StudyResults(
         study_name=study.study_name,
         file_name=study.user_attrs.get("study_file_name", study.study_name),
         objectives=objectives,
         stages=stages,
-        tied=_is_tied(study, trials),
+        tied=_is_tied(study, frozen),
         trials=trials,
         history=history,
         history_kind=kind,

@@ -14,6 +14,7 @@ import argparse
 import signal
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from socketserver import ThreadingMixIn
 from types import FrameType
@@ -78,8 +79,8 @@ def refresh_studies(storage: optuna.storages.BaseStorage, store: FileSystemArtif
         try:
             study = optuna.load_study(study_name=summary.study_name, storage=storage)
             written = publish_plots(study)
-            uploaded = upload_missing_artifacts(study, store, stop.is_set if stop else None) if store else 0
-        except Exception as e:  # noqa: BLE001 - any failure of one study must not stop the others or the server
+            uploaded = 0 if store is None else upload_missing_artifacts(study, store, stop.is_set if stop else None)
+        except Exception as e:  # any failure of one study must not stop the others or the server
             _log(f"refresh of study {summary.study_name!r} failed: {type(e).__name__}: {e}")
             continue
         if written or uploaded:
@@ -93,6 +94,11 @@ def _refresh_loop(storage: optuna.storages.BaseStorage, store: FileSystemArtifac
         refresh_studies(storage, store, stop)
 
 
+def _not_ready(environ: dict, start_response: Callable) -> list[bytes]:  # replaced before serving starts
+    start_response("503 Service Unavailable", [("Content-Type", "text/plain")])
+    return [b"starting"]
+
+
 def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt  # SIGTERM ends the server the same clean way as Ctrl-C
 
@@ -104,18 +110,20 @@ def serve(args: argparse.Namespace) -> int:
         raise UsageError(f"--refresh: must be >= 0, got {args.refresh}")
     url = resolve_storage_url(args.storage, args.runs_dir)
     storage = open_existing_storage(url)
-    artifact_dir = Path(args.artifact_dir) if args.artifact_dir else default_artifact_dir(args.runs_dir)
-    store = artifact_store(artifact_dir)
-    try:
-        httpd = make_server(args.host, args.port, optuna_dashboard.wsgi(storage, artifact_store=store),
-                            server_class=_ThreadedServer, handler_class=_QuietHandler)
+    try:  # bind first: a busy port is refused before anything is created on disk
+        httpd = make_server(args.host, args.port, _not_ready, server_class=_ThreadedServer,
+                            handler_class=_QuietHandler)
     except OSError as e:
         raise UsageError(f"--port: cannot listen on {args.host}:{args.port}: {e.strerror or e}") from None
+    artifact_dir = Path(args.artifact_dir) if args.artifact_dir else default_artifact_dir(args.runs_dir)
+    store = artifact_store(artifact_dir)
+    httpd.set_app(optuna_dashboard.wsgi(storage, artifact_store=store))
     refresh_studies(storage, None)  # plots before the first page is served
     stop = threading.Event()
     refresher = threading.Thread(target=_refresh_loop, args=(storage, store, args.refresh, stop),
                                  name="refresh-plots", daemon=True)
     refresher.start()
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # even when started with SIGINT ignored (nohup, &)
     signal.signal(signal.SIGTERM, _raise_interrupt)
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         _log(f"warning: the dashboard has no authentication and listens on {args.host}")

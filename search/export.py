@@ -61,11 +61,11 @@ _TAIL_DTYPES: dict[str, str] = {
     "seed": "Int64",
     "pareto": "bool",
     CURVE_COLUMN: "object",
-    "fail_reason": "str",
+    "fail_reason": "string",
     "datetime_start": "datetime64[us]",
     "datetime_complete": "datetime64[us]",
 }
-_STAGE_DTYPES = {"placement": "str", "reduction": "Int64", "pooling": "str"}
+_STAGE_DTYPES = {"placement": "string", "reduction": "Int64", "pooling": "string"}  # missing: <NA>
 
 
 def parse_states(text: str | None) -> tuple[TrialState, ...] | None:
@@ -163,7 +163,7 @@ def _row(t: FrozenTrial, stages: int, hyperparameters: Sequence[str], front: set
 
 
 def _apply_dtypes(df: pd.DataFrame) -> pd.DataFrame:
-    dtypes = {"number": "int64", "state": "str", **_TAIL_DTYPES}
+    dtypes = {"number": "int64", "state": "string", **_TAIL_DTYPES}
     for column in df.columns:
         match = re.fullmatch(r"stage\d+_(placement|reduction|pooling)", column)
         if match:

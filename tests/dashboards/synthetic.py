@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import random
+import warnings
 from datetime import datetime, timedelta
 
 import optuna
@@ -49,7 +50,9 @@ def per_stage_study(storage: str | None = None, name: str = "se_placement-datase
     """A multi-objective (accuracy, FLOPs) per-stage study: ``complete`` completed trials, then one pruned,
     one failed while training, one failed before its network was built, and one running."""
     study = optuna.create_study(storage=storage, study_name=name, directions=["maximize", "minimize"])
-    study.set_metric_names(["val_accuracy", "flops"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        study.set_metric_names(["val_accuracy", "flops"])
     study.set_user_attr("definition", _definition(False, PLACEMENTS, REDUCTIONS, POOLINGS, ["val_accuracy", "flops"]))
     study.set_user_attr("study_file_name", name.split("-")[0])
     study.set_user_attr("objectives", ["val_accuracy", "flops"])

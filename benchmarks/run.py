@@ -46,15 +46,18 @@ search_space:
   reduction: [4, 16]
   pooling: [avg, max]
 objectives: [val_accuracy, flops]
-pruner: {{name: {pruner}, options: {{n_startup_trials: 4, n_warmup_steps: 1}}}}
+pruner: {pruner}
 trials: {trials}
 seed: 0
 """
 
 
+PRUNERS = {"none": "{name: none}", "median": "{name: median, options: {n_startup_trials: 4, n_warmup_steps: 1}}"}
+
+
 def _study_file(tmp: Path, name: str, **fmt: Any) -> Path:
     path = tmp / f"{name}.yaml"
-    path.write_text(DIGITS_STUDY.format(**fmt))
+    path.write_text(DIGITS_STUDY.format(**{**fmt, "pruner": PRUNERS[fmt["pruner"]]}))
     return path
 
 
@@ -104,9 +107,10 @@ def _overhead(args: argparse.Namespace, study: str, overrides: dict[str, Any], d
 
 @CPU.register("overhead_cpu")
 def overhead_cpu(args: argparse.Namespace) -> dict[str, Any]:
-    """Target 2 on the CPU: a trial through the platform vs the hand-written loop (ResNet-20, digits 16x16)."""
+    """Target 2 on the CPU: a trial through the platform vs the hand-written loop (ResNet-20, digits 16x16,
+    10 epochs as in the studies' recipes)."""
     with tempfile.TemporaryDirectory() as tmp:
-        path = _study_file(Path(tmp), "overhead", size=16, epochs=3, width=1.0, pruner="none", trials=1)
+        path = _study_file(Path(tmp), "overhead", size=16, epochs=10, width=1.0, pruner="none", trials=1)
         return _overhead(args, str(path), {}, torch.device("cpu"))
 
 

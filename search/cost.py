@@ -30,6 +30,7 @@ Command line::
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 from collections.abc import Callable, Sequence
@@ -125,6 +126,7 @@ def _count_macs(net: nn.Module, device: torch.device, cfg: ArchConfig) -> int:
     return total
 
 
+@functools.lru_cache(maxsize=1024)  # configs are frozen and hashable; studies revisit networks
 def count_cost(cfg: ArchConfig) -> Cost:
     """Parameters, MACs and FLOPs of the network ``cfg`` describes, per image (see the module docstring)."""
     try:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -283,10 +284,22 @@ def find_study_file(study: str) -> Path:
     raise UsageError(f"unknown study {study!r}: no file {study} and no studies/{study}.yaml; known: {', '.join(known)}")
 
 
+class _StudyYamlLoader(yaml.SafeLoader):
+    """YAML 1.1 reads ``5e-4`` as a string (it wants ``5.0e-4``); researchers write the former, so
+    scientific notation without a dot is resolved as a float too."""
+
+
+_StudyYamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
 def parse_study_file(path: Path) -> dict[str, Any]:
     try:
         text = path.read_text()
-        data = tomllib.loads(text) if path.suffix == ".toml" else yaml.safe_load(text)
+        data = tomllib.loads(text) if path.suffix == ".toml" else yaml.load(text, Loader=_StudyYamlLoader)
     except (OSError, yaml.YAMLError, tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         detail = " ".join(str(e).split())
         raise UsageError(f"{path}: cannot parse the study file: {detail}") from None

@@ -35,8 +35,8 @@ def test_shadow_median_ignores_warmup_steps() -> None:
         return make_pruner("median", {"n_startup_trials": 3, "n_warmup_steps": 2})
 
     finished = [(GOOD, True)] * 4
-    assert not shadow_should_prune(warm, [0.1], finished)  # step 1 < n_warmup_steps
-    assert shadow_should_prune(warm, [0.1, 0.1], finished)
+    assert not shadow_should_prune(warm, [0.1, 0.1], finished)  # steps 0 and 1: the two warm-up epochs
+    assert shadow_should_prune(warm, [0.1, 0.1, 0.1], finished)
 
 
 def test_shadow_successive_halving_prunes_bottom_of_rung() -> None:

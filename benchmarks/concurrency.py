@@ -1,0 +1,160 @@
+"""Sustained trials per second one study's storage holds with several worker processes writing at once.
+
+``python -m benchmarks.concurrency [--storage sqlite postgresql mysql] [--procs 4] [--seconds 20]``
+
+Each process runs the worker's storage work without training, as fast as it can: stale-trial check,
+budget read, ask with the per-stage suggestions of a resnet20 study, the pre-training attributes (cost,
+seed, stage choices), one accuracy-curve attribute write and one read of the finished trials per "epoch"
+(what the multi-objective pruner does), a heartbeat, and tell. The figure is how many trials per second the
+storage sustains before it, not training, becomes the limit: e.g. 4 GPUs running 4 trials each of 10 s
+need 1.6 trials/s. Writes ``benchmarks/results/concurrency-<date>-<host>.json`` and prints one line per
+storage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import platform
+import socket
+import tempfile
+import time
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import optuna
+
+from search.storage import masked, open_storage
+
+__all__ = ["DEFAULT_URLS", "measure", "storage_trial"]
+
+DEFAULT_URLS = {
+    "postgresql": os.environ.get("SE_SEARCH_TEST_POSTGRES") or "postgresql+psycopg://postgres@127.0.0.1:5432/test",
+    "mysql": os.environ.get("SE_SEARCH_TEST_MYSQL") or "mysql+pymysql://root@127.0.0.1:3306/test",
+}
+RESULTS = Path(__file__).resolve().parent / "results"
+STAGES = 3
+EPOCHS = 5
+COUNTED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.RUNNING)
+
+
+def storage_trial(study: optuna.Study, epochs: int = EPOCHS) -> int:
+    """One trial's storage traffic as a worker makes it, without the training. Returns the trial number."""
+    optuna.storages.fail_stale_trials(study)
+    study.get_trials(deepcopy=False, states=COUNTED)  # the budget check
+    trial = study.ask()
+    for i in range(1, STAGES + 1):
+        if trial.suggest_categorical(f"stage{i}.placement", ["none", "standard", "pre", "post", "identity"]) != "none":
+            trial.suggest_categorical(f"stage{i}.reduction", [4, 8, 16])
+            trial.suggest_categorical(f"stage{i}.pooling", ["avg", "max"])
+    for key, value in {"worker": f"{socket.gethostname()}:{os.getpid()}", "macs": 161236, "flops": 322472,
+                       "params": 17440, "seed": trial.number, "placements": ["standard"] * STAGES,
+                       "reductions": [16] * STAGES, "poolings": ["avg"] * STAGES}.items():
+        trial.set_user_attr(key, value)
+    curve: list[float] = []
+    for epoch in range(epochs):
+        curve.append(0.5 + epoch / 100)
+        trial.set_user_attr("val_accuracy_curve", curve)
+        study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+        study._storage.record_heartbeat(trial._trial_id)
+    for key, value in {"epochs_run": epochs, "train_seconds": 0.0, "val_accuracy": curve[-1],
+                       "test_accuracy": curve[-1]}.items():
+        trial.set_user_attr(key, value)
+    study.tell(trial, [curve[-1], 322472.0])
+    return trial.number
+
+
+def _process(url: str, name: str, start_at: float, stop_at: float, queue: Any) -> None:
+    """One worker process: storage trials from ``start_at`` to ``stop_at`` (wall clock), then its counts."""
+    import warnings
+
+    warnings.simplefilter("ignore")
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    study = optuna.load_study(study_name=name, storage=open_storage(url, heartbeat_interval=60))
+    numbers, errors = [], []
+    time.sleep(max(0.0, start_at - time.time()))
+    while time.time() < stop_at:
+        try:
+            numbers.append(storage_trial(study))
+        except Exception as e:  # counted and reported: the benchmark's point is that there are none
+            errors.append(f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
+    queue.put({"numbers": numbers, "errors": errors})
+
+
+def measure(url: str, procs: int = 4, seconds: float = 20.0, warmup: float = 5.0) -> dict[str, Any]:
+    """Run ``procs`` processes on a fresh study in ``url`` for ``seconds``; trials/s, errors, uniqueness.
+
+    The processes start together after ``warmup`` seconds (imports, connections), so the rate is sustained
+    throughput, not start-up. The study is deleted afterwards.
+    """
+    name = f"bench-concurrency-{uuid.uuid4().hex[:12]}"
+    storage = open_storage(url, heartbeat_interval=60)
+    optuna.create_study(study_name=name, storage=storage, directions=["maximize", "minimize"])
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    start_at = time.time() + warmup
+    workers = [ctx.Process(target=_process, args=(url, name, start_at, start_at + seconds, queue))
+               for _ in range(procs)]
+    for w in workers:
+        w.start()
+    results = [queue.get(timeout=warmup + seconds + 300) for _ in workers]
+    for w in workers:
+        w.join(60)
+    numbers = [n for r in results for n in r["numbers"]]
+    errors = [e for r in results for e in r["errors"]]
+    study = optuna.load_study(study_name=name, storage=storage)
+    stored = study.get_trials(deepcopy=False)
+    complete = sum(t.state == optuna.trial.TrialState.COMPLETE for t in stored)
+    optuna.delete_study(study_name=name, storage=storage)
+    return {
+        "storage": masked(url),
+        "procs": procs,
+        "seconds": seconds,
+        "trials": len(numbers),
+        "trials_per_s": round(len(numbers) / seconds, 2),
+        "stored_complete": complete,
+        "unique_numbers": len(set(numbers)) == len(numbers) == len({t.number for t in stored}),
+        "errors": errors[:20],
+        "error_count": len(errors),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.concurrency", description=__doc__.splitlines()[0])
+    p.add_argument("--storage", nargs="+", default=["sqlite", "postgresql"],
+                   help="sqlite, postgresql, mysql or SQLAlchemy URLs (default: sqlite postgresql)")
+    p.add_argument("--procs", type=int, default=4)
+    p.add_argument("--seconds", type=float, default=20.0)
+    p.add_argument("--out", type=Path, help="result file (default: benchmarks/results/concurrency-<date>-<host>.json)")
+    args = p.parse_args(argv)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for which in args.storage:
+            url = {"sqlite": f"sqlite:///{tmp}/bench.db", **DEFAULT_URLS}.get(which, which)
+            result = measure(url, args.procs, args.seconds)
+            results[which] = result
+            print(f"{which:<11} {result['trials_per_s']:7.2f} trials/s sustained ({result['trials']} trials, "
+                  f"{args.procs} processes, {args.seconds:.0f} s), {result['error_count']} storage errors, "
+                  f"numbers unique: {result['unique_numbers']}", flush=True)
+    record = {
+        "benchmark": "concurrency",
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": {"host": socket.gethostname(), "cpus": os.cpu_count(), "platform": platform.platform(),
+                    "load_average_1m": os.getloadavg()[0]},
+        "optuna": optuna.__version__,
+        "results": results,
+    }
+    out = args.out or RESULTS / f"concurrency-{datetime.now():%Y%m%d}-{socket.gethostname()}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=2) + "\n")
+    print(f"wrote {out}")
+    return 0 if all(r["error_count"] == 0 and r["unique_numbers"] for r in results.values()) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

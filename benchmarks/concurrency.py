@@ -7,38 +7,35 @@ budget read, ask with the per-stage suggestions of a resnet20 study, the pre-tra
 seed, stage choices), one accuracy-curve attribute write and one read of the finished trials per "epoch"
 (what the multi-objective pruner does), a heartbeat, and tell. The figure is how many trials per second the
 storage sustains before it, not training, becomes the limit: e.g. 4 GPUs running 4 trials each of 10 s
-need 1.6 trials/s. Writes ``benchmarks/results/concurrency-<date>-<host>.json`` and prints one line per
-storage.
+need 1.6 trials/s. Writes its rows to ``benchmarks/results/`` and the table in benchmarks/README.md
+(``benchmarks.record``), and prints one line per storage.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing as mp
 import os
-import platform
 import socket
 import tempfile
 import time
 import uuid
-from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any
 
 import optuna
 
 from search.storage import masked, open_storage
 
-__all__ = ["DEFAULT_URLS", "measure", "storage_trial"]
+__all__ = ["DEFAULT_URLS", "measure", "storage_trial", "summarize"]
 
 DEFAULT_URLS = {
     "postgresql": os.environ.get("SE_SEARCH_TEST_POSTGRES") or "postgresql+psycopg://postgres@127.0.0.1:5432/test",
     "mysql": os.environ.get("SE_SEARCH_TEST_MYSQL") or "mysql+pymysql://root@127.0.0.1:3306/test",
 }
-RESULTS = Path(__file__).resolve().parent / "results"
 STAGES = 3
 EPOCHS = 5
+# 4 GPUs running 4 trials each, each trial 10 s (se_placement's target), finish 1.6 trials/s.
+TARGET_TRIALS_PER_S = 2.0
 COUNTED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.RUNNING)
 
 
@@ -123,37 +120,39 @@ def measure(url: str, procs: int = 4, seconds: float = 20.0, warmup: float = 5.0
     }
 
 
+def summarize(which: str, result: dict[str, Any]) -> dict[str, Any]:
+    """One row of the benchmarks table (``benchmarks.record``), with the raw figures."""
+    met = result["error_count"] == 0 and result["unique_numbers"] and result["trials_per_s"] >= TARGET_TRIALS_PER_S
+    return {
+        "name": f"concurrency_{which}",
+        "summary": (f"{result['trials_per_s']:.2f} trials/s sustained, {result['procs']} processes, "
+                    f"{result['error_count']} storage errors, numbers unique: {result['unique_numbers']}"),
+        "target": f">= {TARGET_TRIALS_PER_S} trials/s, 0 errors",
+        "met": met,
+        **result,
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.concurrency", description=__doc__.splitlines()[0])
     p.add_argument("--storage", nargs="+", default=["sqlite", "postgresql"],
                    help="sqlite, postgresql, mysql or SQLAlchemy URLs (default: sqlite postgresql)")
     p.add_argument("--procs", type=int, default=4)
     p.add_argument("--seconds", type=float, default=20.0)
-    p.add_argument("--out", type=Path, help="result file (default: benchmarks/results/concurrency-<date>-<host>.json)")
     args = p.parse_args(argv)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    results = {}
+    rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for which in args.storage:
             url = {"sqlite": f"sqlite:///{tmp}/bench.db", **DEFAULT_URLS}.get(which, which)
-            result = measure(url, args.procs, args.seconds)
-            results[which] = result
-            print(f"{which:<11} {result['trials_per_s']:7.2f} trials/s sustained ({result['trials']} trials, "
-                  f"{args.procs} processes, {args.seconds:.0f} s), {result['error_count']} storage errors, "
-                  f"numbers unique: {result['unique_numbers']}", flush=True)
-    record = {
-        "benchmark": "concurrency",
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"host": socket.gethostname(), "cpus": os.cpu_count(), "platform": platform.platform(),
-                    "load_average_1m": os.getloadavg()[0]},
-        "optuna": optuna.__version__,
-        "results": results,
-    }
-    out = args.out or RESULTS / f"concurrency-{datetime.now():%Y%m%d}-{socket.gethostname()}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(record, indent=2) + "\n")
-    print(f"wrote {out}")
-    return 0 if all(r["error_count"] == 0 and r["unique_numbers"] for r in results.values()) else 1
+            row = summarize(which if which in ("sqlite", *DEFAULT_URLS) else "url", measure(url, args.procs,
+                                                                                             args.seconds))
+            rows.append({**row, "load_average_1m": os.getloadavg()[0]})
+            print(f"{row['name']:<23} {row['summary']}", flush=True)
+    from benchmarks.record import write_results  # imports torch, which the measuring processes never need
+
+    print(f"wrote {write_results(rows)}")
+    return 0 if all(r["met"] for r in rows) else 1
 
 
 if __name__ == "__main__":

@@ -2,7 +2,11 @@
 
 ``--gpus all|0,1,..`` with ``--trials-per-gpu K`` starts K workers per GPU, each pinned with
 CUDA_VISIBLE_DEVICES (several small trials share one GPU: one trial of a small net cannot fill an H200).
-Without GPUs, ``--workers N`` starts N CPU workers sharing the cores between them.
+``--gpus-per-trial N`` trains each trial with DDP over N GPUs: the GPUs are cut into groups of N (N must
+divide their number), and each group gets K workers, each seeing its group's N GPUs. Without GPUs,
+``--workers N`` starts N CPU workers sharing the cores between them, and ``--procs-per-trial P`` trains
+each of their trials with DDP over P CPU processes (gloo): the same code path as multi-GPU trials, so it is
+tested on machines without GPUs.
 """
 
 from __future__ import annotations
@@ -14,12 +18,13 @@ import torch
 
 from search.errors import UsageError
 
-__all__ = ["Slot", "plan_slots"]
+__all__ = ["Slot", "group_gpus", "parse_gpus", "plan_slots"]
 
 
 @dataclass(frozen=True)
 class Slot:
-    """One worker process: its visible GPUs ("" hides them on the CPU), accelerator, device count and threads."""
+    """One worker process: its visible GPUs ("" hides them on the CPU), accelerator, devices (DDP ranks) per
+    trial and torch threads per rank."""
 
     cuda_visible_devices: str | None
     accelerator: str
@@ -30,10 +35,14 @@ class Slot:
         env = dict(os.environ)
         if self.cuda_visible_devices is not None:
             env["CUDA_VISIBLE_DEVICES"] = self.cuda_visible_devices
+        if self.threads:
+            # Lightning sets torch's thread count from OMP_NUM_THREADS (or all cores) in DDP processes.
+            env["OMP_NUM_THREADS"] = str(self.threads)
         return env
 
 
-def _parse_gpus(gpus: str, available: int) -> list[int]:
+def parse_gpus(gpus: str, available: int) -> list[int]:
+    """The GPU indices ``--gpus`` names, checked against the ``available`` count."""
     if gpus == "all":
         if available == 0:
             raise UsageError("--gpus all: no CUDA GPU is visible on this machine; leave --gpus out to run on the CPU")
@@ -53,19 +62,38 @@ def _parse_gpus(gpus: str, available: int) -> list[int]:
     return indices
 
 
-def plan_slots(gpus: str | None, trials_per_gpu: int, workers: int | None) -> list[Slot]:
+def group_gpus(indices: list[int], per_trial: int) -> list[list[int]]:
+    """``indices`` cut into consecutive groups of ``per_trial`` GPUs, one DDP trial each."""
+    if len(indices) % per_trial:
+        raise UsageError(f"--gpus-per-trial: {per_trial} does not divide the {len(indices)} GPU(s) given "
+                         f"({','.join(map(str, indices))})")
+    return [indices[i:i + per_trial] for i in range(0, len(indices), per_trial)]
+
+
+def _check_at_least_one(**values: int | None) -> None:
+    for name, value in values.items():
+        if value is not None and value < 1:
+            raise UsageError(f"--{name.replace('_', '-')}: must be >= 1, got {value}")
+
+
+def plan_slots(gpus: str | None, trials_per_gpu: int, workers: int | None, *, gpus_per_trial: int = 1,
+               procs_per_trial: int = 1) -> list[Slot]:
     """The worker processes to start. GPUs are used when asked for, or by default when CUDA is present."""
-    if trials_per_gpu < 1:
-        raise UsageError(f"--trials-per-gpu: must be >= 1, got {trials_per_gpu}")
-    if workers is not None and workers < 1:
-        raise UsageError(f"--workers: must be >= 1, got {workers}")
+    _check_at_least_one(trials_per_gpu=trials_per_gpu, workers=workers, gpus_per_trial=gpus_per_trial,
+                        procs_per_trial=procs_per_trial)
     available = torch.cuda.device_count()
-    if gpus is None and available and workers is None:
+    if gpus is None and available and workers is None and procs_per_trial == 1:
         gpus = "all"
     if gpus is not None:
         if workers is not None:
             raise UsageError("--workers is for CPU-only runs; with --gpus use --trials-per-gpu")
-        return [Slot(str(g), "gpu", 1, None) for g in _parse_gpus(gpus, available) for _ in range(trials_per_gpu)]
+        if procs_per_trial != 1:
+            raise UsageError("--procs-per-trial is for CPU-only runs; with GPUs use --gpus-per-trial")
+        groups = group_gpus(parse_gpus(gpus, available), gpus_per_trial)
+        return [Slot(",".join(map(str, g)), "gpu", len(g), None) for g in groups for _ in range(trials_per_gpu)]
+    if gpus_per_trial != 1:
+        raise UsageError("--gpus-per-trial: no CUDA GPU is visible on this machine; for DDP over CPU processes "
+                         "use --procs-per-trial")
     n = workers or 1
     cores = os.cpu_count() or 1
-    return [Slot("", "cpu", 1, max(1, cores // n)) for _ in range(n)]
+    return [Slot("", "cpu", procs_per_trial, max(1, cores // (n * procs_per_trial))) for _ in range(n)]

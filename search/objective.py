@@ -1,32 +1,43 @@
 """One trial, top to bottom: suggest -> build -> cost -> fit (with pruning) -> test -> values.
 
 Reads like optuna-examples' Lightning example. Everything a trial knows before training (its cost and seed)
-is stored on it first, so a trial that dies still says what it was.
+is stored on it first, so a trial that dies still says what it was. A trial on several devices runs the same
+fit on every DDP rank (``search.ddp``); only this process, rank 0, holds the Optuna trial.
 """
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass
 from typing import Any
 
 import optuna
 import pytorch_lightning as pl
+import torch
+from pytorch_lightning.strategies import Strategy
 
 from lightning_modules.classifier import TEST_ACCURACY, SEClassifier
+from lightning_modules.data import DataConfig, build_datamodule
 from lightning_modules.training import make_trainer
 from search.cost import count_cost
+from search.data import data_config
+from search.ddp import RankGroup, destroy_process_group
 from search.pruning import MultiObjectivePruner, PruningCallback
 from search.samplers import CONSTRAINTS_ATTR
 from search.space import TrialDesign, suggest
 from search.study_config import StudyConfig
 
-__all__ = ["Devices", "TrialRunner", "trial_seed"]
+__all__ = ["Devices", "TrialRunner", "train_and_test", "trial_seed"]
 
 
 @dataclass(frozen=True)
 class Devices:
-    """Where a worker trains: Lightning accelerator, device count and strategy."""
+    """Where a worker trains: Lightning accelerator, device count and strategy.
+
+    ``devices`` > 1 with the "auto" strategy trains each trial with DDP over that many processes (one per
+    GPU, or CPU processes on gloo), this process being rank 0 (``search.ddp``).
+    """
 
     accelerator: str = "cpu"
     devices: int = 1
@@ -44,37 +55,77 @@ def trial_seed(study_seed: int, trial: optuna.trial.BaseTrial | optuna.trial.Fro
     return study_seed + number
 
 
+def train_and_test(design: TrialDesign, seed: int, datamodule: pl.LightningDataModule, *, accelerator: str,
+                   devices: int, strategy: str | Strategy, callback: PruningCallback | None) -> dict[str, Any]:
+    """Train ``design`` and, unless the callback pruned it, test it. Every DDP rank runs exactly this."""
+    pl.seed_everything(seed, workers=True, verbose=False)
+    model = SEClassifier(design.arch, design.recipe)
+    trainer = make_trainer(design.recipe.epochs, accelerator=accelerator, devices=devices, strategy=strategy,
+                           callbacks=[callback] if callback else [])
+    start = time.perf_counter()
+    trainer.fit(model, datamodule=datamodule)
+    train_seconds = time.perf_counter() - start
+    curve = callback.curve if callback else []
+    result: dict[str, Any] = {"epochs_run": len(curve) or trainer.current_epoch,
+                              "train_seconds": round(train_seconds, 3)}
+    if callback and callback.pruned_at_epoch:
+        return {**result, "pruned_at_epoch": callback.pruned_at_epoch}
+    val = float(trainer.callback_metrics["val_accuracy"]) if not curve else curve[-1]
+    tested = trainer.test(model, datamodule=datamodule, verbose=False)
+    return {**result, "val_accuracy": val, "test_accuracy": float(tested[0][TEST_ACCURACY])}
+
+
+def _ready_datamodule(cfg: DataConfig) -> pl.LightningDataModule:
+    """A helper rank's DataModule: the same data as rank 0's (read from the decode cache rank 0 filled)."""
+    dm = build_datamodule(cfg)
+    dm.prepare_data()
+    dm.setup("fit")
+    return dm
+
+
+def _helper_rank_fit(accelerator: str, world_size: int, design: TrialDesign, seed: int,
+                     datamodule: pl.LightningDataModule, strategy: Strategy) -> dict[str, Any]:
+    """A helper rank's part of a trial: the same fit, no trial (pruning decisions arrive by broadcast)."""
+    return train_and_test(design, seed, datamodule, accelerator=accelerator, devices=world_size,
+                          strategy=strategy, callback=PruningCallback(None, None))
+
+
 class TrialRunner:
-    """The objective: one instance per worker process, reusing that process's DataModule for every trial."""
+    """The objective: one instance per worker process, reusing that process's DataModule for every trial.
+
+    With ``devices.devices`` > 1 it keeps a ``RankGroup`` of helper processes for DDP; ``close()`` ends them.
+    """
 
     def __init__(self, cfg: StudyConfig, datamodule: pl.LightningDataModule, devices: Devices) -> None:
         self.cfg, self.dm, self.devices = cfg, datamodule, devices
         self.mo_pruner = (
             MultiObjectivePruner(cfg.pruner.name, cfg.pruner.options, cfg.pruner.pareto_aware)
-            if cfg.multi_objective
-            else None
+            if cfg.multi_objective else None
         )
+        self.ranks: RankGroup | None = None
+        if devices.devices > 1 and devices.strategy == "auto":
+            self.ranks = RankGroup(
+                devices.devices, devices.accelerator,
+                functools.partial(_ready_datamodule, data_config(cfg)),
+                functools.partial(_helper_rank_fit, devices.accelerator, devices.devices),
+                threads=torch.get_num_threads(),
+            )
+
+    def close(self) -> None:
+        """End the DDP helper processes, if any."""
+        if self.ranks is not None:
+            self.ranks.close()
 
     def design(self, trial: optuna.trial.BaseTrial) -> TrialDesign:
-        return suggest(
-            trial,
-            self.cfg,
-            num_classes=self.dm.num_classes,
-            in_channels=self.dm.in_channels,
-            image_size=self.dm.image_size,
-        )
+        return suggest(trial, self.cfg, num_classes=self.dm.num_classes, in_channels=self.dm.in_channels,
+                       image_size=self.dm.image_size)
 
     def __call__(self, trial: optuna.Trial) -> float | tuple[float, ...]:
         design = self.design(trial)
         cost = count_cost(design.arch)
         seed = trial_seed(self.cfg.seed, trial)
-        attrs: dict[str, Any] = {
-            **cost.to_dict(),
-            "seed": seed,
-            "placements": list(design.arch.placements),
-            "reductions": list(design.arch.reductions),
-            "poolings": list(design.arch.poolings),
-        }
+        attrs: dict[str, Any] = {**cost.to_dict(), "seed": seed, "placements": list(design.arch.placements),
+                                 "reductions": list(design.arch.reductions), "poolings": list(design.arch.poolings)}
         constraints = self.constraint_values(cost.to_dict())
         if constraints:
             attrs[CONSTRAINTS_ATTR] = constraints
@@ -93,34 +144,27 @@ class TrialRunner:
 
     def constraint_values(self, cost: dict[str, int]) -> list[float]:
         limits = self.cfg.constraints
-        return [
-            cost[k] - limit
-            for k, limit in (("flops", limits.max_flops), ("params", limits.max_params))
-            if limit is not None
-        ]
+        return [cost[k] - limit for k, limit in (("flops", limits.max_flops), ("params", limits.max_params))
+                if limit is not None]
 
     def fit(self, design: TrialDesign, seed: int, trial: optuna.Trial | None) -> dict[str, Any]:
         """Train and evaluate ``design``; with a ``trial``, report and prune through it."""
-        pl.seed_everything(seed, workers=True, verbose=False)
-        model = SEClassifier(design.arch, design.recipe)
         callback = PruningCallback(trial, self.mo_pruner) if trial is not None else None
-        trainer = make_trainer(
-            design.recipe.epochs,
-            accelerator=self.devices.accelerator,
-            devices=self.devices.devices,
-            strategy=self.devices.strategy,
-            callbacks=[callback] if callback else [],
-        )
-        start = time.perf_counter()
-        trainer.fit(model, datamodule=self.dm)
-        train_seconds = time.perf_counter() - start
-        curve = callback.curve if callback else []
-        result: dict[str, Any] = {
-            "epochs_run": len(curve) or trainer.current_epoch,
-            "train_seconds": round(train_seconds, 3),
-        }
-        if callback and callback.pruned_at_epoch:
-            return {**result, "pruned_at_epoch": callback.pruned_at_epoch}
-        val = float(trainer.callback_metrics["val_accuracy"]) if not curve else curve[-1]
-        tested = trainer.test(model, datamodule=self.dm, verbose=False)
-        return {**result, "val_accuracy": val, "test_accuracy": float(tested[0][TEST_ACCURACY])}
+        d = self.devices
+        if self.ranks is None:
+            return train_and_test(design, seed, self.dm, accelerator=d.accelerator, devices=d.devices,
+                                  strategy=d.strategy, callback=callback)
+        callback = callback or PruningCallback(None, None)  # every rank takes part in the prune broadcast
+        strategy = self.ranks.begin(design, seed)
+        try:
+            result = train_and_test(design, seed, self.dm, accelerator=d.accelerator, devices=d.devices,
+                                    strategy=strategy, callback=callback)
+        except BaseException:
+            self.ranks.abort()
+            raise
+        finally:
+            destroy_process_group()
+        helpers = self.ranks.end()
+        # Evidence that every rank trained and stopped together (a pruned trial: the same epoch on all).
+        return {**result, "ddp_world_size": d.devices,
+                "ddp_rank_epochs": [result["epochs_run"], *(h["epochs_run"] for h in helpers)]}

@@ -53,7 +53,8 @@ def make_pruner(name: str, options: Mapping[str, Any]) -> optuna.pruners.BasePru
 
 
 def _rung_attrs(pruner: optuna.pruners.BasePruner, curve: Sequence[float], upto: int) -> dict[str, float]:
-    """Successive halving's ``completed_rung_k`` attributes a trial with ``curve`` wrote before step ``upto``.
+    """Successive halving's ``completed_rung_k`` attributes a trial with ``curve`` wrote at steps below
+    ``upto`` (step = epoch index from 0).
 
     Asynchronous SH records the value at each rung's promotion step when the trial reaches it; rebuilding
     them from the curve lets the shadow study hold exactly what the real pruner would have stored.
@@ -64,9 +65,9 @@ def _rung_attrs(pruner: optuna.pruners.BasePruner, curve: Sequence[float], upto:
     attrs, rung = {}, 0
     while True:
         step = min_resource * pruner._reduction_factor ** (pruner._min_early_stopping_rate + rung)
-        if step >= upto or step > len(curve):
+        if step >= upto or step >= len(curve):
             return attrs
-        attrs[f"completed_rung_{rung}"] = curve[step - 1]
+        attrs[f"completed_rung_{rung}"] = curve[step]
         rung += 1
 
 
@@ -75,7 +76,7 @@ def shadow_should_prune(
     curve: Sequence[float],
     finished: Sequence[tuple[Sequence[float], bool]],
 ) -> bool:
-    """Optuna's decision for a trial whose accuracy curve (step k = after epoch k) is ``curve``, against
+    """Optuna's decision for a trial whose accuracy curve (step k = after epoch k + 1) is ``curve``, against
     ``finished`` trials given as (curve, completed?) pairs. A fresh pruner is made per decision, since
     some pruners cache study facts on themselves."""
     pruner = pruner_factory()
@@ -87,14 +88,14 @@ def shadow_should_prune(
             optuna.trial.create_trial(
                 state=TrialState.COMPLETE if completed else TrialState.PRUNED,
                 value=other[-1] if completed else None,
-                intermediate_values={step: v for step, v in enumerate(other, start=1)},
-                system_attrs=_rung_attrs(pruner, other, len(other) + 1),
+                intermediate_values=dict(enumerate(other)),
+                system_attrs=_rung_attrs(pruner, other, len(other)),
             )
         )
     trial = study.ask()
-    for step, value in enumerate(curve, start=1):
+    for step, value in enumerate(curve):
         trial.report(value, step)
-    for key, value in _rung_attrs(pruner, curve, len(curve)).items():
+    for key, value in _rung_attrs(pruner, curve, len(curve) - 1).items():
         study._storage.set_trial_system_attr(trial._trial_id, key, value)
     return pruner.prune(study, study._storage.get_trial(trial._trial_id))
 
@@ -127,10 +128,11 @@ class PruningCallback(pl.Callback):
     """Records validation accuracy after every epoch and stops the fit when the trial should be pruned.
 
     Only rank 0 talks to the study; its decision is broadcast, so every DDP rank stops together. The
-    objective turns ``pruned_at_epoch`` into ``optuna.TrialPruned`` after the fit returns.
+    objective turns ``pruned_at_epoch`` into ``optuna.TrialPruned`` after the fit returns. Ranks other than 0
+    (and a rerun of a stored trial) hold no trial: ``trial`` None records the curve and joins the broadcast.
     """
 
-    def __init__(self, trial: optuna.Trial, mo_pruner: MultiObjectivePruner | None) -> None:
+    def __init__(self, trial: optuna.Trial | None, mo_pruner: MultiObjectivePruner | None) -> None:
         self.trial, self.mo_pruner = trial, mo_pruner
         self.curve: list[float] = []
         self.pruned_at_epoch: int | None = None
@@ -141,10 +143,10 @@ class PruningCallback(pl.Callback):
         self.curve.append(float(trainer.callback_metrics[VAL_ACCURACY]))
         epoch = len(self.curve)
         prune = False
-        if trainer.is_global_zero:
+        if trainer.is_global_zero and self.trial is not None:
             self.trial.set_user_attr(CURVE_ATTR, list(self.curve))
             if self.mo_pruner is None:
-                self.trial.report(self.curve[-1], epoch)
+                self.trial.report(self.curve[-1], epoch - 1)
             if epoch < trainer.max_epochs:  # after the last epoch there is nothing left to save
                 prune = self._decide()
         prune = trainer.strategy.broadcast(prune, src=0)

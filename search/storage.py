@@ -1,14 +1,18 @@
 """Study storage: any SQLAlchemy URL, a shared SQLite file under the runs directory by default.
 
 SQLite is set up for several local workers (WAL journal, so readers such as the dashboard never block the
-writers, and a long busy timeout). RDB storages get Optuna heartbeats, so a trial whose worker died is
-failed after the grace period and re-queued with the same parameters.
+writers, and a long busy timeout). PostgreSQL and MySQL/MariaDB serve workers on any number of machines:
+each joins the study by name. RDB storages get Optuna heartbeats, so a trial whose worker died (kill -9,
+power loss) is failed after the grace period and re-queued with the same parameters (Optuna's
+``RetryHeartbeatStaleTrialCallback``), and the retry reuses the original trial's seed
+(``search.objective.trial_seed``). Passwords never appear in messages: see ``masked`` and ``search.redact``.
 """
 
 from __future__ import annotations
 
 import os
 import sqlite3
+import warnings
 from pathlib import Path
 
 import optuna
@@ -16,10 +20,12 @@ import sqlalchemy
 from sqlalchemy.engine import make_url
 
 from search.errors import UsageError
+from search.redact import redact, url_secrets
 
 __all__ = [
     "DEFAULT_RUNS_DIR",
     "STORAGE_ENV",
+    "check_heartbeat",
     "masked",
     "open_storage",
     "resolve_storage_url",
@@ -46,7 +52,7 @@ def resolve_storage_url(url: str | None, runs: str | None = None) -> str:
         return f"sqlite:///{path}"
     try:
         parsed = make_url(url)
-    except sqlalchemy.exc.ArgumentError:
+    except (sqlalchemy.exc.ArgumentError, ValueError):
         raise UsageError(
             f"--storage: {masked(url)!r} is not a SQLAlchemy URL (e.g. sqlite:///runs/studies.db "
             "or postgresql+psycopg://user@host/db)"
@@ -60,7 +66,7 @@ def masked(url: str) -> str:
     """The URL with its password hidden, for every message and log line."""
     try:
         return make_url(url).render_as_string(hide_password=True)
-    except sqlalchemy.exc.ArgumentError:
+    except (sqlalchemy.exc.ArgumentError, ValueError):
         # Not parseable: hide anything between "://user:" and "@" by hand.
         scheme, sep, rest = url.partition("://")
         if sep and "@" in rest:
@@ -77,6 +83,13 @@ def _prepare_sqlite(url: str) -> dict:
     return {"connect_args": {"timeout": SQLITE_BUSY_TIMEOUT_S}}
 
 
+def check_heartbeat(heartbeat_interval: int | None, grace_period: int | None) -> None:
+    """A grace period at or below the heartbeat interval would fail trials whose worker is alive."""
+    if heartbeat_interval and grace_period is not None and grace_period <= heartbeat_interval:
+        raise UsageError(f"--grace-period: must be longer than --heartbeat-interval ({heartbeat_interval} s), "
+                         f"got {grace_period}")
+
+
 def open_storage(
     url: str,
     *,
@@ -84,30 +97,32 @@ def open_storage(
     grace_period: int | None = None,
     max_retry: int = 3,
 ) -> optuna.storages.RDBStorage:
-    """An ``RDBStorage`` on ``url`` with heartbeats and retry of stale trials (same parameters)."""
+    """An ``RDBStorage`` on ``url`` with heartbeats and retry of stale trials (same parameters).
+
+    Creates Optuna's tables in an empty database (as Optuna does), never a study. Connection and driver
+    problems become one ``UsageError`` line, with the password masked.
+    """
+    check_heartbeat(heartbeat_interval, grace_period)
     engine_kwargs: dict = {"pool_pre_ping": True}
-    if url.startswith("sqlite"):
-        engine_kwargs.update(_prepare_sqlite(url))
-    retry_cls = (
-        getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None) or optuna.storages.RetryFailedTrialCallback
-    )
-    callback_kwarg = (
-        "heartbeat_stale_trial_callback"
-        if hasattr(optuna.storages, "RetryHeartbeatStaleTrialCallback")
-        else "failed_trial_callback"
-    )
     heartbeat: dict = {}
-    if heartbeat_interval:
-        heartbeat = {
-            "heartbeat_interval": heartbeat_interval,
-            "grace_period": grace_period or 2 * heartbeat_interval,
-            callback_kwarg: retry_cls(max_retry=max_retry),
-        }
     try:
-        return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, **heartbeat)
-    except (sqlalchemy.exc.SQLAlchemyError, ModuleNotFoundError, ImportError, ValueError) as e:
+        if url.startswith("sqlite"):
+            engine_kwargs.update(_prepare_sqlite(url))
+        with warnings.catch_warnings():
+            # Heartbeats and the retry callback are marked experimental; they are what crash recovery is.
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            if heartbeat_interval:
+                heartbeat = {
+                    "heartbeat_interval": heartbeat_interval,
+                    "grace_period": grace_period or 2 * heartbeat_interval,
+                    "heartbeat_stale_trial_callback": optuna.storages.RetryHeartbeatStaleTrialCallback(
+                        max_retry=max_retry),
+                }
+            return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, **heartbeat)
+    except (sqlalchemy.exc.SQLAlchemyError, optuna.exceptions.StorageInternalError, ModuleNotFoundError,
+            ImportError, ValueError, OSError, sqlite3.Error) as e:
         reason = " ".join(str(getattr(e, "orig", None) or e).split())[:300]
-        raise UsageError(f"--storage: cannot open {masked(url)}: {reason}") from None
+        raise UsageError(f"--storage: cannot open {masked(url)}: {redact(reason, url_secrets(url))}") from None
 
 
 def resolve_study_name(storage: optuna.storages.BaseStorage, name: str) -> str:

@@ -1,25 +1,39 @@
 """A worker process: joins a study and runs trials until the study holds the requested number.
 
-Started by ``search.run`` (one per GPU slot, or ``--workers N`` on the CPU), or by hand on another machine
-with the same arguments. Trials run through Optuna's ask/tell interface so that every outcome is recorded
-with its reason: completed, pruned, diverged, out of memory, any other error (with a traceback summary),
-or interrupted by Ctrl-C. Heartbeats are sent while a trial runs, and stale trials of dead workers are
-failed (and re-queued) before each new trial.
+Started by ``search.run`` (one per GPU slot, or ``--workers N`` on the CPU; on each machine that runs the
+command). The spec, storage URL included, arrives as JSON on standard input, so no password is visible in
+the process list. Trials run through Optuna's ask/tell interface so that every outcome is recorded with its
+reason: completed, pruned, diverged, out of memory, any other error (with a traceback summary), or
+interrupted (Ctrl-C, SIGTERM). Heartbeats are sent while a trial runs, and stale trials of dead workers are
+failed (and re-queued with the same parameters) before each new trial.
+
+The budget: a worker starts a trial while finished (complete or pruned) plus running trials are fewer than
+the study's ``trials``. When the rest are running elsewhere it waits instead of leaving, since one of them
+may belong to a dead worker and come back as a retry; it stops once ``trials`` have finished.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import logging
 import os
+import signal
+import socket
 import sys
+import time
 import traceback
 import warnings
+import zlib
+from collections import Counter
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
+from types import FrameType
 from typing import Any
 
+import numpy as np
 import optuna
 import torch
 from optuna.storages._heartbeat import get_heartbeat_thread, is_heartbeat_enabled
@@ -27,26 +41,33 @@ from optuna.trial import TrialState
 
 from lightning_modules.backbones import BACKBONES
 from lightning_modules.classifier import DivergenceError
+from search import redact
 from search.data import prepare_datamodule
 from search.errors import UsageError
 from search.objective import Devices, TrialRunner
 from search.pruning import make_pruner
-from search.storage import open_storage
+from search.storage import masked, open_storage
 from search.study_config import load_study
 from search.study_store import make_sampler_for
 
-__all__ = ["FAIL_REASON_ATTR", "WorkerSpec", "budget_left", "run_worker"]
+__all__ = ["FAIL_REASON_ATTR", "WORKER_ATTR", "TrialInterrupted", "WorkerSpec", "budget_left", "run_worker",
+           "sampler_seed"]
 
 FAIL_REASON_ATTR = "fail_reason"
+WORKER_ATTR = "worker"
 COUNTED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 # A worker whose trials keep failing has a problem no further trial will fix (a broken environment, a bad
 # study): it stops instead of filling the study with failures.
 MAX_CONSECUTIVE_FAILURES = 5
+# Writing a trial's outcome survives a dropped database connection: Optuna's scoped session rolls back and
+# raises StorageInternalError; the write is tried again after a pause.
+TELL_ATTEMPTS = 4
 
 
 @dataclass
 class WorkerSpec:
-    """Everything a worker needs, passed as JSON on its command line."""
+    """Everything a worker needs, passed as JSON on its standard input."""
 
     study: str
     study_name: str
@@ -58,6 +79,7 @@ class WorkerSpec:
     threads: int | None = None
     heartbeat_interval: int | None = 60
     grace_period: int | None = None
+    worker_index: int = 0
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -67,9 +89,51 @@ class WorkerGaveUp(RuntimeError):
     """Too many consecutive trials failed in this worker."""
 
 
+class TrialInterrupted(BaseException):
+    """Ctrl-C or SIGTERM arrived while a trial ran. Not a KeyboardInterrupt on purpose: Lightning turns a
+    KeyboardInterrupt inside ``fit`` into ``sys.exit(1)``, which would leave the trial RUNNING."""
+
+
+class _Stop:
+    """What the signal handlers saw: the reason to stop, and whether a trial is running right now."""
+
+    reason: str | None = None
+    in_trial: bool = False
+
+
+def _on_signal(signum: int, frame: FrameType | None) -> None:
+    first = _Stop.reason is None
+    _Stop.reason = _Stop.reason or ("interrupted (Ctrl-C)" if signum == signal.SIGINT else "terminated (SIGTERM)")
+    if first and _Stop.in_trial:
+        raise TrialInterrupted(_Stop.reason)
+
+
+def install_signal_handlers() -> None:
+    """Ctrl-C and SIGTERM end the running trial as FAIL with the reason, then the worker (exit code 130)."""
+    signal.signal(signal.SIGINT, _on_signal)
+    signal.signal(signal.SIGTERM, _on_signal)
+
+
+@contextlib.contextmanager
+def _interruptible() -> Iterator[None]:
+    if _Stop.reason is not None:
+        raise TrialInterrupted(_Stop.reason)
+    _Stop.in_trial = True
+    try:
+        yield
+    finally:
+        _Stop.in_trial = False
+
+
 def budget_left(study: optuna.Study, trials: int) -> bool:
-    """True while finished + running + queued trials are fewer than ``trials``; failed ones do not count."""
-    return len(study.get_trials(deepcopy=False, states=COUNTED)) < trials
+    """True while finished + running trials are fewer than ``trials``; failed ones do not count, and waiting
+    ones (queued retries) are what the next ``ask`` takes."""
+    counts = Counter(t.state for t in study.get_trials(deepcopy=False, states=COUNTED))
+    return counts[TrialState.COMPLETE] + counts[TrialState.PRUNED] + counts[TrialState.RUNNING] < trials
+
+
+def _finished(study: optuna.Study) -> int:
+    return len(study.get_trials(deepcopy=False, states=FINISHED))
 
 
 def _is_surplus(study: optuna.Study, trial: optuna.Trial, trials: int) -> bool:
@@ -78,12 +142,52 @@ def _is_surplus(study: optuna.Study, trial: optuna.Trial, trials: int) -> bool:
     return len(earlier) >= trials
 
 
+def sampler_seed(study_seed: int, worker_index: int, host: str | None = None) -> int:
+    """The seed of one worker's sampler. Workers seeded alike would suggest the same parameters at the
+    same moment (every random start-up trial of TPE, every random pick of the grid), so the seed mixes in
+    the worker's index and its machine: reproducible for the same command on the same machine, distinct
+    across workers and machines. Training seeds do not depend on it (``trial_seed``)."""
+    host = host if host is not None else socket.gethostname()
+    state = np.random.SeedSequence([study_seed % 2**32, zlib.crc32(host.encode()), worker_index]).generate_state(1)
+    return int(state[0])
+
+
+def _log(message: str) -> None:
+    print(f"{time.strftime('%H:%M:%S')} {message}", flush=True)
+
+
+def _retrying(write: Callable[[], None], what: str) -> None:
+    """Run a storage write, again after a pause when the database dropped the connection or deadlocked."""
+    for attempt in range(1, TELL_ATTEMPTS + 1):
+        try:
+            write()
+            return
+        except optuna.exceptions.StorageInternalError as e:
+            if attempt == TELL_ATTEMPTS:
+                raise
+            _log(f"storage error while {what} (attempt {attempt}/{TELL_ATTEMPTS}), retrying: {e}")
+            time.sleep(2.0 * attempt)
+
+
+def _tell(study: optuna.Study, trial: optuna.Trial, **kwargs: Any) -> bool:
+    """``study.tell``; False when the trial was already finished elsewhere (another worker found its
+    heartbeat late and failed it, and its retry is queued): this result is then discarded."""
+    try:
+        _retrying(lambda: study.tell(trial, **kwargs), f"recording trial {trial.number}")
+    except optuna.exceptions.UpdateFinishedTrialError:
+        _log(f"trial {trial.number} was already finished by another worker (stale heartbeat); result discarded")
+        return False
+    return True
+
+
 def _fail(study: optuna.Study, trial: optuna.Trial, reason: str, tb: str | None = None) -> None:
-    trial.set_user_attr(FAIL_REASON_ATTR, reason[:2000])
-    if tb:
-        trial.set_user_attr("traceback", tb[-4000:])
-    study.tell(trial, state=TrialState.FAIL)
-    print(f"trial {trial.number} failed: {reason}", flush=True)
+    reason = redact.redact(reason)
+    with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
+        trial.set_user_attr(FAIL_REASON_ATTR, reason[:2000])
+        if tb:
+            trial.set_user_attr("traceback", redact.redact(tb)[-4000:])
+    if _tell(study, trial, state=TrialState.FAIL):
+        _log(f"trial {trial.number} failed: {reason}")
 
 
 def _free_memory() -> None:
@@ -92,83 +196,153 @@ def _free_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def _run_one(study: optuna.Study, trial: optuna.Trial, runner: TrialRunner) -> bool:
-    """Run one trial and record its outcome; False when it failed."""
+def _traceback_summary(e: BaseException) -> str:
+    return "".join(traceback.format_exception(e, limit=-8))
+
+
+def _run_one(study: optuna.Study, trial: optuna.Trial, runner: Callable[[optuna.Trial], Any]) -> bool:
+    """Run one trial and record its outcome; False when it failed.
+
+    Interruptions (``TrialInterrupted``, KeyboardInterrupt, SystemExit) mark the trial FAIL with the
+    reason and propagate. Memory of a failed trial is freed after the ``except`` block has dropped the
+    exception, whose traceback holds the trial's model, optimiser and activations.
+    """
+    with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
+        trial.set_user_attr(WORKER_ATTR, f"{socket.gethostname()}:{os.getpid()}")
+    _log(f"trial {trial.number} started")
+    failure: tuple[str, str | None] | None = None
     try:
-        with get_heartbeat_thread(trial._trial_id, study._storage):
+        with get_heartbeat_thread(trial._trial_id, study._storage), _interruptible():
             values = runner(trial)
     except optuna.TrialPruned as e:
-        trial.set_user_attr("pruned_reason", str(e))
-        study.tell(trial, state=TrialState.PRUNED)
+        with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
+            trial.set_user_attr("pruned_reason", str(e))
+        _tell(study, trial, state=TrialState.PRUNED)
     except DivergenceError as e:
-        _fail(study, trial, f"diverged: {e}")
-        return False
+        failure = (f"diverged: {e}", None)
     except torch.cuda.OutOfMemoryError as e:
-        _free_memory()
-        _fail(study, trial, f"CUDA out of memory: {str(e).splitlines()[0]}")
-        return False
+        first = str(e).splitlines()[0] if str(e) else ""
+        failure = (first if first.startswith("CUDA out of memory") else f"CUDA out of memory: {first}", None)
+    except TrialInterrupted as e:
+        _fail(study, trial, str(e))
+        raise
     except KeyboardInterrupt:
         _fail(study, trial, "interrupted (Ctrl-C)")
         raise
+    except SystemExit as e:
+        _fail(study, trial, f"interrupted (exit {e.code})")
+        raise
     except Exception as e:
-        _fail(study, trial, f"{type(e).__name__}: {e}", "".join(traceback.format_exception(e, limit=-8)))
-        return False
+        failure = (f"{type(e).__name__}: {e}", _traceback_summary(e))
     else:
-        study.tell(trial, values)
+        _tell(study, trial, values=values)
+    if failure is None:
+        return True
+    _free_memory()  # the exception and its frames are gone now: the memory they held can be released
+    _fail(study, trial, *failure)
+    return False
+
+
+def _waiting_for_others(study: optuna.Study, spec: WorkerSpec, announced: bool) -> bool:
+    """The rest of the budget is running elsewhere: wait for it to finish or to come back as a retry."""
+    if not announced:
+        running = len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
+        _log(f"waiting: {running} trial(s) running in other workers")
+    time.sleep(max(1, min(spec.heartbeat_interval or 1, 5)))
     return True
 
 
+def _fail_stale_trials(study: optuna.Study) -> None:
+    if is_heartbeat_enabled(study._storage):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            optuna.storages.fail_stale_trials(study)
+
+
 def run_worker(spec: WorkerSpec) -> int:
-    """Run trials of ``spec.study_name`` until the budget is reached. Returns the number of trials run."""
+    """Run trials of ``spec.study_name`` until ``spec.trials`` have finished. Returns the number run here.
+
+    Raises ``TrialInterrupted`` when a stop signal arrives (after recording the running trial).
+    """
     if spec.threads:
         torch.set_num_threads(spec.threads)
     cfg = load_study(spec.study, **spec.overrides)
     storage = open_storage(spec.storage, heartbeat_interval=spec.heartbeat_interval, grace_period=spec.grace_period)
-    sampler = make_sampler_for(cfg, BACKBONES.get(cfg.backbone)().num_stages)
-    study = optuna.load_study(
-        study_name=spec.study_name,
-        storage=storage,
-        sampler=sampler,
-        pruner=None if cfg.multi_objective else make_pruner(cfg.pruner.name, cfg.pruner.options),
-    )
+    sampler = make_sampler_for(cfg.replace(seed=sampler_seed(cfg.seed, spec.worker_index)),
+                               BACKBONES.get(cfg.backbone)().num_stages)
+    study = optuna.load_study(study_name=spec.study_name, storage=storage, sampler=sampler,
+                              pruner=None if cfg.multi_objective else make_pruner(cfg.pruner.name, cfg.pruner.options))
     datamodule = prepare_datamodule(cfg)
     runner = TrialRunner(cfg, datamodule, Devices(spec.accelerator, spec.devices))
+    _log(f"worker {socket.gethostname()}:{os.getpid()} joined study {spec.study_name!r} in {masked(spec.storage)} "
+         f"({spec.accelerator}, {spec.devices} device(s) per trial)")
     ran = failures = 0
-    while True:
-        if is_heartbeat_enabled(study._storage):
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                optuna.storages.fail_stale_trials(study)
-        if not budget_left(study, spec.trials):
-            return ran
-        trial = study.ask()
-        if _is_surplus(study, trial, spec.trials):
-            _fail(study, trial, "surplus: the study already had its trials when this one started")
-            return ran
-        failures = 0 if _run_one(study, trial, runner) else failures + 1
-        ran += 1
-        _free_memory()
-        if failures >= MAX_CONSECUTIVE_FAILURES:
-            raise WorkerGaveUp(f"{failures} trials in a row failed; the last reason is stored on trial {trial.number}")
+    waiting = False
+    try:
+        while True:
+            if _Stop.reason is not None:
+                raise TrialInterrupted(_Stop.reason)
+            _fail_stale_trials(study)
+            if _finished(study) >= spec.trials:
+                return ran
+            if not budget_left(study, spec.trials):
+                if not is_heartbeat_enabled(study._storage):
+                    return ran  # without heartbeats a dead worker's trial never comes back: nothing to wait for
+                waiting = _waiting_for_others(study, spec, waiting)
+                continue
+            waiting = False
+            trial = study.ask()
+            if is_heartbeat_enabled(study._storage):
+                # Optuna never finds a trial stale before its first heartbeat: record one at once, so a worker
+                # dying before its heartbeat thread starts still leaves a trial that comes back as a retry.
+                study._storage.record_heartbeat(trial._trial_id)
+            if _is_surplus(study, trial, spec.trials):
+                _fail(study, trial, "surplus: the study already had its trials when this one started")
+                continue
+            failures = 0 if _run_one(study, trial, runner) else failures + 1
+            ran += 1
+            _free_memory()
+            if failures >= MAX_CONSECUTIVE_FAILURES:
+                raise WorkerGaveUp(
+                    f"{failures} trials in a row failed; the last reason is stored on trial {trial.number}")
+    finally:
+        runner.close()
+
+
+def read_spec(arg: str | None) -> WorkerSpec:
+    """The spec from the argument, or from standard input when the argument is absent or ``-``."""
+    text = sys.stdin.read() if arg in (None, "-") else arg
+    try:
+        return WorkerSpec(**json.loads(text))
+    except (json.JSONDecodeError, TypeError) as e:
+        raise UsageError(f"worker spec: expected the JSON search.run writes, got an error: {e}") from None
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m search.worker", description=__doc__.splitlines()[0])
-    parser.add_argument("spec", help="the worker spec as JSON (written by search.run)")
+    parser.add_argument("spec", nargs="?", default="-",
+                        help="the worker spec as JSON; '-' or nothing: read it from standard input (search.run "
+                             "does, so the storage URL is not visible in the process list)")
     args = parser.parse_args(argv)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     # Lightning's per-Trainer banners would repeat for every trial in the worker log.
     logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)
+    logging.getLogger("lightning_fabric").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+    install_signal_handlers()
     try:
-        run_worker(WorkerSpec(**json.loads(args.spec)))
+        spec = read_spec(args.spec)
+        redact.install(spec.storage)
+        run_worker(spec)
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except WorkerGaveUp as e:
         print(f"error: worker stopped: {e}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
+    except (TrialInterrupted, KeyboardInterrupt):
         return 130
     return 0
 

@@ -22,6 +22,16 @@ def _isolated_dirs(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", os.environ.get("CUDA_VISIBLE_DEVICES", ""))
 
 
-def postgres_url() -> str | None:
-    """The PostgreSQL server the storage tests use: $SE_SEARCH_TEST_POSTGRES (CI sets it)."""
-    return os.environ.get("SE_SEARCH_TEST_POSTGRES")
+DEFAULT_POSTGRES = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+DEFAULT_MYSQL = "mysql+pymysql://root@127.0.0.1:3306/test"
+
+
+def postgres_url() -> str:
+    """The PostgreSQL server the storage tests use: $SE_SEARCH_TEST_POSTGRES (CI sets it), else the local
+    default. The tests fail, never skip, when it is unreachable: CI always provides it (.ci/run)."""
+    return os.environ.get("SE_SEARCH_TEST_POSTGRES") or DEFAULT_POSTGRES
+
+
+def mysql_url() -> str:
+    """The MySQL/MariaDB server of the storage tests: $SE_SEARCH_TEST_MYSQL (CI sets it), else the local default."""
+    return os.environ.get("SE_SEARCH_TEST_MYSQL") or DEFAULT_MYSQL

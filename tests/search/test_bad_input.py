@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
+import optuna
 import pytest
 
+from search.storage import open_storage
+from search.study_config import load_study
+from search.study_store import create_or_load_study
 from tests.search.helpers import run_cli, write_study
 
 
@@ -19,6 +24,15 @@ def _study_count(db: Path) -> int:
             return conn.execute("SELECT COUNT(*) FROM studies").fetchone()[0]
         except sqlite3.OperationalError:
             return 0
+
+
+def _arg(tmp_path: Path, arg: str, study: Path) -> str:
+    """QUICK: the quick study file; FILE:<text>: a study file holding <text>; EMPTY: an empty directory."""
+    if arg == "QUICK":
+        return str(study)
+    if arg.startswith("FILE:"):
+        return str(write_study(tmp_path, arg.removeprefix("FILE:"), "broken"))
+    return str(tmp_path / "empty") if arg == "EMPTY" else arg
 
 
 @pytest.mark.parametrize(
@@ -36,12 +50,38 @@ def _study_count(db: Path) -> int:
         (["--study", "QUICK", "--dataset", "mnist"], "unknown dataset 'mnist'"),
         (["--study", "QUICK", "--dataset", "imagefolder", "--data-dir", "/nonexistent/tree"], "/nonexistent/tree"),
         (["--study", "QUICK", "--no-such-flag"], "unrecognized arguments: --no-such-flag"),
+        # Study files given by path: malformed, not a mapping, invalid keys and values.
+        (["--study", "FILE:training: {epochs: 2"], "cannot parse the study file"),
+        (["--study", "FILE:- just\n- a list\n"], "a study file must be a mapping of keys, got list"),
+        (["--study", "FILE:backbone: resnet20\nsearch_space: {}\nbogus: 1\n"], "top level: unknown key 'bogus'"),
+        (["--study", "FILE:backbone: resnet20\nsearch_space: {placement: [sideways]}\n"],
+         "search_space.placement: unknown value 'sideways'"),
+        (["--study", "FILE:backbone: resnet20\nsearch_space: {}\ntraining: {epochs: 0}\n"],
+         "training.epochs: must be an integer >= 1"),
+        # Missing data: an image tree that exists but holds no class folders.
+        (["--study", "QUICK", "--dataset", "imagefolder", "--data-dir", "EMPTY"], "EMPTY"),
+        # Flags of the reliability and scale-out features.
+        (["--study", "QUICK", "--heartbeat-interval", "-1"], "--heartbeat-interval: must be >= 0"),
+        (["--study", "QUICK", "--grace-period", "0"], "--grace-period: must be >= 1"),
+        (["--study", "QUICK", "--heartbeat-interval", "5", "--grace-period", "5"],
+         "--grace-period: must be longer than --heartbeat-interval (5 s)"),
+        (["--study", "QUICK", "--gpus-per-trial", "2"], "--gpus-per-trial: no CUDA GPU is visible"),
+        (["--study", "QUICK", "--procs-per-trial", "0"], "--procs-per-trial: must be >= 1"),
+        (["--study", "QUICK", "--trials-per-gpu", "0"], "--trials-per-gpu: must be >= 1"),
+        # Storage URLs: malformed, unknown driver, in-memory, unreachable.
+        (["--study", "QUICK", "--storage", "postgresql+psycopg://u:s3cret@127.0.0.1:notaport/x"],
+         "is not a SQLAlchemy URL"),
+        (["--study", "QUICK", "--storage", "postgresql+nosuchdriver://u:s3cret@127.0.0.1/x"], "--storage: cannot open"),
+        (["--study", "QUICK", "--storage", "sqlite://"], "an in-memory SQLite database cannot be shared"),
+        (["--study", "QUICK", "--rerun-trial", "0"], "--study: no study named 'quick'"),
     ],
 )
 def test_run_bad_input_one_line_exit_2_no_write(tmp_path: Path, args: list[str], expected: str) -> None:
     study = write_study(tmp_path)
     db = tmp_path / "studies.db"
-    args = [str(study) if a == "QUICK" else a for a in args]
+    (tmp_path / "empty").mkdir()
+    args = [_arg(tmp_path, a, study) for a in args]
+    expected = expected.replace("EMPTY", str(tmp_path / "empty"))
     if "--storage" not in args:
         args += ["--storage", f"sqlite:///{db}"]
     result = run_cli("search.run", *args, "--runs-dir", str(tmp_path / "runs"), timeout=300)
@@ -51,3 +91,45 @@ def test_run_bad_input_one_line_exit_2_no_write(tmp_path: Path, args: list[str],
     assert expected in lines[0]
     assert "s3cret" not in result.stderr + result.stdout
     assert _study_count(db) == 0
+
+
+def _one_line_exit_2(result: subprocess.CompletedProcess[str], expected: str) -> None:
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert expected in lines[0], lines[0]
+    assert "s3cret" not in result.stderr + result.stdout
+
+
+def test_run_bad_postgres_database_one_line_exit_2(tmp_path: Path, pg_url: str, pg_study: str) -> None:
+    url = pg_url.rsplit("/", 1)[0].replace("://postgres@", "://postgres:s3cret@") + "/no_such_database_se_search"
+    result = run_cli("search.run", "--study", str(write_study(tmp_path)), "--study-name", pg_study, "--storage", url,
+                     "--runs-dir", str(tmp_path / "runs"), timeout=300)
+    _one_line_exit_2(result, "--storage: cannot open postgresql+psycopg://postgres:***@")
+    assert "no_such_database_se_search" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        (("reduction: [4, 16]", "reduction: [8]"), "exists with a different definition"),
+        (("objectives: [val_accuracy, flops]", "objectives: [val_accuracy]"), "exists with"),
+    ],
+)
+def test_run_changed_definition_on_postgres_refused_without_writing(
+    tmp_path: Path, pg_url: str, pg_study: str, change: tuple[str, str], expected: str
+) -> None:
+    """A study of that name already holds another definition: refused before anything is written."""
+    study_file = write_study(tmp_path)
+    cfg = load_study(str(study_file))
+    storage = open_storage(pg_url, heartbeat_interval=None)
+    study = create_or_load_study(storage, pg_study, cfg, 3)
+    study.enqueue_trial({})
+    before = (study.user_attrs, [t.number for t in study.trials])
+    study_file.write_text(study_file.read_text().replace(*change))
+    result = run_cli("search.run", "--study", str(study_file), "--study-name", pg_study, "--storage", pg_url,
+                     "--runs-dir", str(tmp_path / "runs"), timeout=300)
+    _one_line_exit_2(result, expected)
+    after = optuna.load_study(study_name=pg_study, storage=storage)
+    assert (after.user_attrs, [t.number for t in after.trials]) == before
+    assert not (tmp_path / "runs" / "logs" / pg_study).exists()  # no worker was started

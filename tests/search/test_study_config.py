@@ -130,3 +130,8 @@ def test_study_config_bad_dataset_profile_is_refused(tmp_path: Path) -> None:
     path = _write(tmp_path, BASE + "data: {dataset: digits}\nby_dataset: {digits: {training: {epochz: 1}}}\n")
     with pytest.raises(UsageError, match="training: unknown key 'epochz'"):
         load_study(path)
+
+
+def test_study_config_scientific_notation_is_a_number(tmp_path: Path) -> None:
+    cfg = load_study(_write(tmp_path, BASE + "training: {lr: 1e-3, weight_decay: 5E-4}\n"))
+    assert cfg.training.lr == 1e-3 and cfg.training.weight_decay == 5e-4

@@ -1,0 +1,58 @@
+"""Worker slots: GPUs per worker, GPU groups for DDP trials, CPU workers and CPU DDP processes.
+
+GPU layouts are checked through the pure functions that plan them (``parse_gpus``, ``group_gpus``), since
+this machine has no GPU; ``plan_slots`` itself is checked on the CPU it has.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from search.devices import Slot, group_gpus, parse_gpus, plan_slots
+from search.errors import UsageError
+
+
+def test_group_gpus_cuts_consecutive_groups() -> None:
+    assert group_gpus([0, 1, 2, 3], 2) == [[0, 1], [2, 3]]
+    assert group_gpus([4, 5, 6, 7], 4) == [[4, 5, 6, 7]]
+    assert group_gpus([3], 1) == [[3]]
+
+
+def test_group_gpus_refuses_group_size_not_dividing() -> None:
+    with pytest.raises(UsageError, match=r"--gpus-per-trial: 3 does not divide the 4 GPU\(s\) given \(0,1,2,3\)"):
+        group_gpus([0, 1, 2, 3], 3)
+
+
+def test_parse_gpus_checks_indices_against_machine() -> None:
+    assert parse_gpus("all", 2) == [0, 1]
+    assert parse_gpus("1,0", 2) == [1, 0]
+    with pytest.raises(UsageError, match=r"GPU 2 does not exist; this machine has indices 0\.\.1"):
+        parse_gpus("0,2", 2)
+    with pytest.raises(UsageError, match="repeat"):
+        parse_gpus("0,0", 2)
+
+
+def test_slot_env_pins_gpu_group_and_threads() -> None:
+    env = Slot("2,3", "gpu", 2, None).env()
+    assert env["CUDA_VISIBLE_DEVICES"] == "2,3"
+    assert Slot("", "cpu", 2, 3).env()["OMP_NUM_THREADS"] == "3"
+
+
+def test_plan_slots_cpu_procs_per_trial_share_cores() -> None:
+    slots = plan_slots(None, 1, 2, procs_per_trial=2)
+    assert len(slots) == 2
+    assert all(s.accelerator == "cpu" and s.devices == 2 and s.cuda_visible_devices == "" for s in slots)
+    assert all(s.threads and s.threads >= 1 for s in slots)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"gpus_per_trial": 2}, "--gpus-per-trial: no CUDA GPU is visible"),
+        ({"gpus_per_trial": 0}, "--gpus-per-trial: must be >= 1, got 0"),
+        ({"procs_per_trial": 0}, "--procs-per-trial: must be >= 1, got 0"),
+    ],
+)
+def test_plan_slots_refuses_bad_ddp_flags(kwargs: dict[str, int], message: str) -> None:
+    with pytest.raises(UsageError, match=message):
+        plan_slots(None, 1, None, **kwargs)

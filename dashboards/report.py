@@ -25,7 +25,7 @@ import pandas as pd
 from dashboards.figures import write_study_figures
 from dashboards.paper import PAPER_MARGIN, PaperComparison, compare_with_paper
 from dashboards.results import COST_UNITS, StudyResults, choice_effects, load_results
-from search.errors import UsageError
+from search.errors import UsageError, UsageParser, cli_main
 from search.export import open_existing_storage, write_trials
 from search.storage import resolve_storage_url, resolve_study_name
 
@@ -189,13 +189,10 @@ def write_report(study: optuna.Study, out: Path) -> Path:
     return page
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, exit 2
-        raise UsageError(message)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m dashboards.report", description=__doc__.splitlines()[0])
+    p = UsageParser(prog="python -m dashboards.report", description=__doc__.splitlines()[0])
     p.add_argument("--study", required=True,
                    help="study name; a study file's name finds its newest run (se_placement -> se_placement-...)")
     p.add_argument("--storage", help="SQLAlchemy URL (default: $SE_SEARCH_STORAGE or sqlite:///RUNS/studies.db)")
@@ -216,12 +213,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    try:
-        return run(build_parser().parse_args(argv))
-    except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return cli_main(run, build_parser(), argv)
 
 
 if __name__ == "__main__":

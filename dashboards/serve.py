@@ -26,7 +26,7 @@ from optuna.artifacts import FileSystemArtifactStore
 
 from dashboards.artifacts import artifact_store, default_artifact_dir, upload_missing_artifacts
 from dashboards.plots import publish_plots
-from search.errors import UsageError
+from search.errors import UsageError, UsageParser, cli_main
 from search.export import open_existing_storage
 from search.storage import masked, resolve_storage_url
 
@@ -35,9 +35,6 @@ __all__ = ["build_parser", "main", "refresh_studies"]
 ENGINE_STUDY_ATTR = "definition_hash"  # set on every study search.run creates
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, exit 2
-        raise UsageError(message)
 
 
 class _ThreadedServer(ThreadingMixIn, WSGIServer):
@@ -50,7 +47,7 @@ class _QuietHandler(WSGIRequestHandler):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m dashboards.serve", description=__doc__.splitlines()[0])
+    p = UsageParser(prog="python -m dashboards.serve", description=__doc__.splitlines()[0])
     p.add_argument("--storage", help="SQLAlchemy URL (default: $SE_SEARCH_STORAGE or sqlite:///RUNS/studies.db)")
     p.add_argument("--runs-dir", help="directory of the default SQLite file and artifacts (default: ./runs)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
@@ -141,12 +138,7 @@ def serve(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    try:
-        return serve(build_parser().parse_args(argv))
-    except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return cli_main(serve, build_parser(), argv)
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ import json
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, NoReturn
+from typing import Any
 
 import torch
 from torch import nn
@@ -44,6 +44,7 @@ from lightning_modules.backbones import BACKBONES, build_arch, build_network
 from lightning_modules.config import ArchConfig, ConfigError
 from lightning_modules.se import POOLINGS, SEBlock, SqueezePooling
 from lightning_modules.units import PLACEMENTS
+from search.errors import UsageError, UsageParser
 
 __all__ = ["Cost", "count_cost", "main"]
 
@@ -146,21 +147,14 @@ def count_cost(cfg: ArchConfig) -> Cost:
 # --------------------------------------------------------------------------------------------- command line
 
 
-class _UsageError(Exception):
-    """Bad command-line input; the message names the flag and the allowed values."""
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse that reports a bad argument as one ``error: ...`` line and exit status 2, without usage."""
-
-    def error(self, message: str) -> NoReturn:
-        raise _UsageError(message)
 
 
 def _split(flag: str, text: str, allowed: str) -> list[str]:
     items = [s.strip() for s in text.split(",")]
     if any(not s for s in items):
-        raise _UsageError(
+        raise UsageError(
             f"{flag}: empty entry in {text!r}; give one value or a comma list, one per stage, of: {allowed}"
         )
     return items
@@ -168,7 +162,7 @@ def _split(flag: str, text: str, allowed: str) -> list[str]:
 
 def _per_stage(flag: str, items: list[Any], num_stages: int, backbone: str) -> tuple[Any, ...]:
     if len(items) not in (1, num_stages):
-        raise _UsageError(
+        raise UsageError(
             f"{flag}: got {len(items)} values for backbone {backbone!r} with {num_stages} stages; "
             f"give one value for all stages or exactly {num_stages}"
         )
@@ -179,7 +173,7 @@ def _names(flag: str, text: str, allowed: Sequence[str], num_stages: int, backbo
     items = _split(flag, text, ", ".join(allowed))
     for item in items:
         if item not in allowed:
-            raise _UsageError(f"{flag}: unknown value {item!r}; allowed: {', '.join(allowed)}")
+            raise UsageError(f"{flag}: unknown value {item!r}; allowed: {', '.join(allowed)}")
     return _per_stage(flag, items, num_stages, backbone)
 
 
@@ -187,7 +181,7 @@ def _ratios(text: str, num_stages: int, backbone: str) -> tuple[int, ...]:
     values: list[int] = []
     for item in _split("--reduction", text, "integers >= 1"):
         if not item.isdecimal() or int(item) < 1:
-            raise _UsageError(f"--reduction: {item!r} is not an integer >= 1; allowed: integers >= 1")
+            raise UsageError(f"--reduction: {item!r} is not an integer >= 1; allowed: integers >= 1")
         values.append(int(item))
     return _per_stage("--reduction", values, num_stages, backbone)
 
@@ -196,12 +190,12 @@ def _positive_int(flag: str, text: str | None) -> int | None:
     if text is None:
         return None
     if not text.strip().isdecimal() or int(text) < 1:
-        raise _UsageError(f"{flag}: {text!r} is not an integer >= 1; allowed: integers >= 1")
+        raise UsageError(f"{flag}: {text!r} is not an integer >= 1; allowed: integers >= 1")
     return int(text)
 
 
-def _parser() -> _Parser:
-    parser = _Parser(
+def _parser() -> UsageParser:
+    parser = UsageParser(
         prog="python -m search.cost",
         description=(
             "Parameters, MACs and FLOPs (= 2 x MACs) of an SE network, per image. MACs count convolutions "
@@ -234,7 +228,7 @@ def _parser() -> _Parser:
 
 def _config(args: argparse.Namespace) -> ArchConfig:
     if args.backbone not in BACKBONES:
-        raise _UsageError(
+        raise UsageError(
             f"--backbone: unknown value {args.backbone!r}; allowed: {', '.join(BACKBONES.names())}"
         )
     stages = BACKBONES.get(args.backbone)().num_stages
@@ -282,7 +276,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = _parser().parse_args(argv)
         cfg = _config(args)
         cost = count_cost(cfg)
-    except (_UsageError, ConfigError) as exc:
+    except (UsageError, ConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except RuntimeError as exc:  # e.g. an image too small for the backbone's downsampling

@@ -1,9 +1,38 @@
-"""The one error type the command lines turn into a one-line message and exit code 2."""
+"""Bad user input: one error type, the argparse parser that raises it, and the ``main`` wrapper that turns it
+into one ``error: ...`` line on stderr and exit code 2 (argparse itself would print the whole usage)."""
 
 from __future__ import annotations
 
-__all__ = ["UsageError"]
+import argparse
+import sys
+import warnings
+from collections.abc import Callable, Sequence
+from typing import NoReturn
+
+__all__ = ["UsageError", "UsageParser", "cli_main"]
 
 
 class UsageError(Exception):
     """Bad input from the user (flag, study file, storage URL, data): message is one line, exit code 2."""
+
+
+class UsageParser(argparse.ArgumentParser):
+    """argparse that reports a bad argument as a ``UsageError`` instead of printing usage and exiting."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(message)
+
+
+def cli_main(run: Callable[[argparse.Namespace], int], parser: argparse.ArgumentParser,
+             argv: Sequence[str] | None = None) -> int:
+    """Parse ``argv`` and call ``run``; a ``UsageError`` becomes one stderr line and exit code 2."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    # Heartbeats, retries and metric names are "experimental" in Optuna; the warning says nothing to a user.
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    try:
+        return run(parser.parse_args(argv))
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2

@@ -26,7 +26,7 @@ import pandas as pd
 from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy.engine import make_url
 
-from search.errors import UsageError
+from search.errors import UsageError, UsageParser, cli_main
 from search.pareto import pareto_front
 from search.storage import open_storage, resolve_storage_url, resolve_study_name
 
@@ -225,13 +225,10 @@ def read_trials(path: str | Path | io.StringIO) -> pd.DataFrame:
     return _apply_dtypes(df)
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, exit 2
-        raise UsageError(message)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m search.export", description=__doc__.splitlines()[0])
+    p = UsageParser(prog="python -m search.export", description=__doc__.splitlines()[0])
     p.add_argument("--study", required=True,
                    help="study name in the storage; a study file's name finds its newest run (se_placement -> "
                         "se_placement-dataset=digits-epochs=2)")
@@ -266,12 +263,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    try:
-        return run(build_parser().parse_args(argv))
-    except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return cli_main(run, build_parser(), argv)
 
 
 if __name__ == "__main__":

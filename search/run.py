@@ -21,7 +21,6 @@ import signal
 import subprocess
 import sys
 import time
-import warnings
 from collections import Counter
 from pathlib import Path
 
@@ -33,7 +32,7 @@ from lightning_modules.backbones import BACKBONES
 from search import redact
 from search.data import prepare_datamodule
 from search.devices import Slot, plan_slots
-from search.errors import UsageError
+from search.errors import UsageError, UsageParser, cli_main
 from search.objective import Devices, TrialRunner
 from search.pareto import front_table, hypervolume, pareto_front, reference_costs
 from search.storage import STORAGE_ENV, masked, open_storage, resolve_storage_url, resolve_study_name, runs_dir
@@ -44,13 +43,10 @@ from search.worker import FAIL_REASON_ATTR, WorkerSpec
 __all__ = ["main"]
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, exit 2 (argparse would print the whole usage)
-        raise UsageError(message)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m search.run", description=__doc__.splitlines()[0])
+    p = UsageParser(prog="python -m search.run", description=__doc__.splitlines()[0])
     p.add_argument("--study", required=True, help="study name in studies/ or a path to a study file")
     p.add_argument("--study-name", help="name of the study in the storage (default: the file's name plus overrides)")
     p.add_argument("--storage", help="SQLAlchemy URL (default: $SE_SEARCH_STORAGE or sqlite:///RUNS/studies.db)")
@@ -309,14 +305,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    # Heartbeats, retries and metric names are "experimental" in Optuna; the warning says nothing to a user.
-    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-    try:
-        return run(build_parser().parse_args(argv))
-    except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return cli_main(run, build_parser(), argv)
 
 
 if __name__ == "__main__":

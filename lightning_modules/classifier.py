@@ -124,6 +124,8 @@ class SEClassifier(pl.LightningModule):
         self.net = build_network(arch)
         self.val_accuracy = torchmetrics.classification.MulticlassAccuracy(arch.num_classes, average="micro")
         self.test_accuracy = torchmetrics.classification.MulticlassAccuracy(arch.num_classes, average="micro")
+        # nan_strategy="disable": a NaN loss must reach the divergence check, not be dropped from the mean.
+        self.train_loss = torchmetrics.MeanMetric(nan_strategy="disable")
         self._channels_last = False
 
     def on_fit_start(self) -> None:
@@ -141,13 +143,16 @@ class SEClassifier(pl.LightningModule):
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, y = batch
         loss = F.cross_entropy(self(x), y, label_smoothing=self.recipe.label_smoothing)
-        # Epoch-mean only: a per-step log would force a host sync every step.
-        self.log(TRAIN_LOSS, loss.detach(), on_step=False, on_epoch=True, batch_size=x.shape[0], sync_dist=True)
+        # Accumulated on the device and logged once per epoch: ``self.log`` on every step costs Lightning's
+        # logging machinery per step, measurable on short trials.
+        self.train_loss.update(loss.detach(), weight=x.shape[0])
         return loss
 
     def on_train_epoch_end(self) -> None:
-        loss = self.trainer.callback_metrics.get(TRAIN_LOSS)
-        if loss is not None and not torch.isfinite(loss):
+        loss = self.train_loss.compute()  # synced across DDP ranks
+        self.train_loss.reset()
+        self.log(TRAIN_LOSS, loss, on_step=False, on_epoch=True)
+        if not torch.isfinite(loss):
             raise DivergenceError(f"training loss is {loss.item()} in epoch {self.current_epoch}")
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -35,3 +36,15 @@ def postgres_url() -> str:
 def mysql_url() -> str:
     """The MySQL/MariaDB server of the storage tests: $SE_SEARCH_TEST_MYSQL (CI sets it), else the local default."""
     return os.environ.get("SE_SEARCH_TEST_MYSQL") or DEFAULT_MYSQL
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """Tiny tensors gain nothing from intra-op threads, and on a busy 2-core machine spinning OpenMP workers
+    slow them several-fold. Use with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

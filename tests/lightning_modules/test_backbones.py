@@ -4,7 +4,6 @@ step; presets match their published shapes; invalid configs fail naming the fiel
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -29,14 +28,8 @@ IMAGENET_PRESETS = tuple(n for n in BACKBONES.names() if BACKBONES.get(n)().stem
 WIDE_PRESETS = tuple(n for n in BACKBONES.names() if max(BACKBONES.get(n)().widths) > 64)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Tiny tensors gain nothing from intra-op threads, and on a busy 2-core machine the spinning OpenMP
-    workers made the grid below ~15x slower (measured: 525 s of CPU for it at 2 threads under load)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# One torch thread: the spinning OpenMP workers made this grid ~15x slower on a busy 2-core machine.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _small_config(backbone: str, placement: str, pooling: str) -> ArchConfig:

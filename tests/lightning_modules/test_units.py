@@ -10,7 +10,7 @@ the output must be the placement's formula with SE(z) = 0.5 z, which tells the p
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -46,14 +46,7 @@ HALF_GATE: dict[str, Callable[[Fn, Fn, torch.Tensor], torch.Tensor]] = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Tiny tensors gain nothing from intra-op threads, and on a busy 2-core machine spinning OpenMP workers
-    slow them several-fold."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _unit(geometry: tuple, placement: str, pooling: str = "avg") -> ResidualUnit:

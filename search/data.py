@@ -8,7 +8,7 @@ from lightning_modules.data import DataConfig, DataError, build_datamodule
 from search.errors import UsageError
 from search.study_config import StudyConfig
 
-__all__ = ["data_config", "prepare_datamodule"]
+__all__ = ["data_config", "prepare_datamodule", "ready_datamodule"]
 
 
 def data_config(cfg: StudyConfig) -> DataConfig:
@@ -28,12 +28,18 @@ def data_config(cfg: StudyConfig) -> DataConfig:
         raise UsageError(f"{cfg.name}: data.{e}") from None
 
 
-def prepare_datamodule(cfg: StudyConfig) -> pl.LightningDataModule:
-    """Build and set up the study's DataModule; every data problem becomes one line for the user."""
+def ready_datamodule(cfg: DataConfig) -> pl.LightningDataModule:
+    """Build and set up a DataModule (decoded, or read from the cache another process filled). Takes the
+    plain ``DataConfig`` so DDP helper processes can receive it pickled."""
     try:
-        dm = build_datamodule(data_config(cfg))
+        dm = build_datamodule(cfg)
         dm.prepare_data()
         dm.setup("fit")
     except DataError as e:
         raise UsageError(str(e)) from None
     return dm
+
+
+def prepare_datamodule(cfg: StudyConfig) -> pl.LightningDataModule:
+    """The study's DataModule, set up; every data problem becomes one line for the user."""
+    return ready_datamodule(data_config(cfg))

@@ -18,10 +18,9 @@ import torch
 from pytorch_lightning.strategies import Strategy
 
 from lightning_modules.classifier import TEST_ACCURACY, SEClassifier
-from lightning_modules.data import DataConfig, build_datamodule
 from lightning_modules.training import make_trainer
 from search.cost import count_cost
-from search.data import data_config
+from search.data import data_config, ready_datamodule
 from search.ddp import RankGroup, destroy_process_group
 from search.pruning import MultiObjectivePruner, PruningCallback
 from search.samplers import CONSTRAINTS_ATTR
@@ -75,14 +74,6 @@ def train_and_test(design: TrialDesign, seed: int, datamodule: pl.LightningDataM
     return {**result, "val_accuracy": val, "test_accuracy": float(tested[0][TEST_ACCURACY])}
 
 
-def _ready_datamodule(cfg: DataConfig) -> pl.LightningDataModule:
-    """A helper rank's DataModule: the same data as rank 0's (read from the decode cache rank 0 filled)."""
-    dm = build_datamodule(cfg)
-    dm.prepare_data()
-    dm.setup("fit")
-    return dm
-
-
 def _helper_rank_fit(accelerator: str, world_size: int, design: TrialDesign, seed: int,
                      datamodule: pl.LightningDataModule, strategy: Strategy) -> dict[str, Any]:
     """A helper rank's part of a trial: the same fit, no trial (pruning decisions arrive by broadcast)."""
@@ -106,7 +97,7 @@ class TrialRunner:
         if devices.devices > 1 and devices.strategy == "auto":
             self.ranks = RankGroup(
                 devices.devices, devices.accelerator,
-                functools.partial(_ready_datamodule, data_config(cfg)),
+                functools.partial(ready_datamodule, data_config(cfg)),
                 functools.partial(_helper_rank_fit, devices.accelerator, devices.devices),
                 threads=torch.get_num_threads(),
             )

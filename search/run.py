@@ -33,7 +33,7 @@ from search import redact
 from search.data import prepare_datamodule
 from search.devices import Slot, plan_slots
 from search.errors import UsageError, UsageParser, cli_main
-from search.objective import Devices, TrialRunner
+from search.objective import Devices, TrialRunner, trial_seed
 from search.pareto import front_table, hypervolume, pareto_front, reference_costs
 from search.storage import STORAGE_ENV, masked, open_storage, resolve_storage_url, resolve_study_name, runs_dir
 from search.study_config import load_study
@@ -215,9 +215,10 @@ def _rerun(args: argparse.Namespace, storage: optuna.storages.BaseStorage, name:
     gpu = plan_slots(args.gpus, 1, None)[0].accelerator == "gpu"
     runner = TrialRunner(cfg, dm, Devices("gpu" if gpu else "cpu", 1))
     design = runner.design(optuna.trial.FixedTrial(stored.params, stored.number))
-    result = runner.fit(design, stored.user_attrs.get("seed", cfg.seed + stored.number), None)
+    seed = stored.user_attrs.get("seed", trial_seed(cfg.seed, stored))
+    result = runner.fit(design, seed, None)
     a = stored.user_attrs
-    print(f"trial {stored.number} ({stored.state.name}), seed {stored.user_attrs.get('seed')}:")
+    print(f"trial {stored.number} ({stored.state.name}), seed {seed}:")
     # Six decimals: the point is to show that the rerun reproduces the stored accuracy exactly.
     print(f"  stored: val {a.get('val_accuracy', float('nan')):.6f}  test {a.get('test_accuracy', float('nan')):.6f}")
     print(f"  rerun:  val {result['val_accuracy']:.6f}  test {result['test_accuracy']:.6f}")

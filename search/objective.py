@@ -61,6 +61,16 @@ def train_and_test(design: TrialDesign, seed: int, datamodule: pl.LightningDataM
     model = SEClassifier(design.arch, design.recipe)
     trainer = make_trainer(design.recipe.epochs, accelerator=accelerator, devices=devices, strategy=strategy,
                            callbacks=[callback] if callback else [])
+    try:
+        return _fit_and_test(trainer, model, datamodule, callback)
+    finally:
+        # Lightning leaves ``datamodule.trainer`` set, and the trainer holds the model, its optimiser and
+        # gradients: the DataModule outlives the trial, so cut the link or the trial never leaves memory.
+        datamodule.trainer = None
+
+
+def _fit_and_test(trainer: pl.Trainer, model: SEClassifier, datamodule: pl.LightningDataModule,
+                  callback: PruningCallback | None) -> dict[str, Any]:
     start = time.perf_counter()
     trainer.fit(model, datamodule=datamodule)
     train_seconds = time.perf_counter() - start

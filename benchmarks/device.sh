@@ -1,19 +1,52 @@
 #!/usr/bin/env bash
-# Runs ON the GPU machine (device tool: carry .whl and .devdata): installs the carried wheels, unpacks the
-# data, runs the GPU benchmarks within ~8 minutes and leaves the results JSON in $OUT.
+# Runs ON the GPU machine (device tool: carry .whl and .devdata; see benchmarks/README.md): installs the
+# carried wheels, unpacks the data, runs GPU benchmarks inside a budget and leaves the results JSON in $OUT.
+#
+#   bash benchmarks/device.sh [BUDGET_SECONDS [BENCHMARK...]]     (default: 480 s, every GPU benchmark)
+#
+# whole_study, if named, runs last and gets whatever time the others left (its result then records the pace
+# if it could not finish); everything else runs first in one process, results written after each.
 set -uo pipefail
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+budget=${1:-480}
+shift || true
+names=("$@")
+((${#names[@]})) || names=(trial_speed overhead_gpu trial_profile recipe_sweep full_devices whole_study)
+out=${OUT:-/tmp/bench-out}
+mkdir -p "$out"
+touch /tmp/bench-start
+left() { echo $((budget - SECONDS)); }
+bench() {  # bench SECONDS ARGS...: one benchmarks.run invocation, interrupted (results kept) after SECONDS
+  local limit=$1
+  shift
+  timeout --signal=INT --kill-after=20 "$limit" python3 -m benchmarks.run --gpu --data-dir /tmp/cifar10-jpeg "$@"
+}
+
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+  || exit 1
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 SE_SEARCH_CACHE_DIR=/tmp/se-cache
-python3 ../shared/tools/jpeg_tree_blob.py unpack .devdata/cifar10-jpeg.npz /tmp/cifar10-jpeg 2>/dev/null \
-  || python3 - <<'PY'
+# The packed tree (../shared/tools/jpeg_tree_blob.py's format; ../shared does not travel): bytes + offsets.
+python3 - <<'PY' || exit 1
 import numpy as np, pathlib
 z = np.load(".devdata/cifar10-jpeg.npz"); data, off, paths = z["data"], z["offsets"], z["paths"]
 for i, p in enumerate(paths):
     f = pathlib.Path("/tmp/cifar10-jpeg") / p.decode(); f.parent.mkdir(parents=True, exist_ok=True)
     f.write_bytes(data[off[i]:off[i + 1]].tobytes())
 PY
-nvidia-smi --query-gpu=name,memory.total --format=csv
-timeout 470 python3 -m benchmarks.run --gpu --only trial_speed --only overhead_gpu --only full_devices \
-  --data-dir /tmp/cifar10-jpeg --repeats 1
-cp benchmarks/results/*.json "${OUT:-/tmp}/" 2>/dev/null
-cp benchmarks/README.md "${OUT:-/tmp}/benchmarks-README.md" 2>/dev/null
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+python3 -c "import torch, pytorch_lightning, optuna; print('torch', torch.__version__, 'lightning',
+pytorch_lightning.__version__, 'optuna', optuna.__version__)" || exit 1
+echo "set-up done at ${SECONDS}s"
+
+others=() study=0
+for n in "${names[@]}"; do
+  if [[ $n == whole_study ]]; then study=1; else others+=(--only "$n"); fi
+done
+if ((${#others[@]})); then
+  bench $(($(left) - 150 * study - 10)) "${others[@]}"
+  echo "== ${others[*]} done at ${SECONDS}s"
+fi
+if ((study && $(left) > 90)); then
+  bench $(($(left) - 10)) --only whole_study --study-seconds $(($(left) - 45))
+fi
+find benchmarks/results -name '*.json' -newer /tmp/bench-start -exec cp {} "$out"/ \;
+echo "done at ${SECONDS}s"

@@ -7,7 +7,8 @@ grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo /.whl/ >> .git/info/excl
 grep -qx '/.devdata/' .git/info/exclude 2>/dev/null || echo /.devdata/ >> .git/info/exclude
 platforms=(--platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64
            --platform manylinux2014_x86_64 --platform manylinux1_x86_64)
-for pkg in optuna sqlalchemy alembic colorlog mako greenlet pyyaml tqdm; do
+# The GPU image already has numpy, pyyaml, tqdm, markupsafe, typing-extensions (device KINDS.md).
+for pkg in optuna sqlalchemy alembic colorlog mako; do
   version=$(.venv/bin/python -c "from importlib.metadata import version; print(version('$pkg'))")
   python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     "${platforms[@]}" -d .whl "$pkg==$version"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 import socket
 import subprocess
@@ -25,7 +26,7 @@ def machine() -> dict[str, Any]:
     return {
         "host": socket.gethostname(),
         "cpu": platform.processor() or platform.machine(),
-        "cores": __import__("os").cpu_count(),
+        "cores": os.cpu_count(),
         "gpu": gpu,
         "gpus": torch.cuda.device_count(),
         "torch": torch.__version__,
@@ -33,17 +34,22 @@ def machine() -> dict[str, Any]:
 
 
 def _commit() -> str:
+    """HEAD's short hash; ``SE_SEARCH_COMMIT`` names it where the tree runs without its git history (a copy
+    sent to a GPU machine)."""
+    if os.environ.get("SE_SEARCH_COMMIT"):
+        return os.environ["SE_SEARCH_COMMIT"]
     out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True, check=False)
     return out.stdout.strip() or "unknown"
 
 
-def write_results(results: list[dict[str, Any]]) -> Path:
-    """Write one JSON file for this run and refresh the README table from every stored run."""
+def write_results(results: list[dict[str, Any]], path: Path | None = None) -> Path:
+    """Write this run's JSON file (a new one, or ``path`` again as the run adds results) and refresh the
+    README table from every stored run."""
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     info = machine()
     stamp = datetime.now(timezone.utc)
     tag = "gpu-" + info["gpu"].replace(" ", "_") if info["gpu"] else "cpu"
-    path = RESULTS_DIR / f"{stamp:%Y%m%dT%H%M%S}-{tag}.json"
+    path = path or RESULTS_DIR / f"{stamp:%Y%m%dT%H%M%S}-{tag}.json"
     payload = {"date": stamp.isoformat(timespec="seconds"), "commit": _commit(), "machine": info, "results": results}
     path.write_text(json.dumps(payload, indent=2) + "\n")
     runs = [json.loads(p.read_text()) for p in sorted(RESULTS_DIR.glob("*.json"))]

@@ -41,6 +41,10 @@ def make_trainer(
         "precision": precision or default_precision(accelerator),
         "callbacks": list(callbacks),
         "deterministic": deterministic,
+        # cuDNN autotuning: every trial trains fixed shapes for hundreds of steps, so the one-off search pays
+        # (channels_last bf16 convolutions have several algorithms and the default pick is often not the
+        # fastest). Off when determinism is asked for, since the chosen algorithm may vary run to run.
+        "benchmark": accelerator in ("gpu", "cuda") and not deterministic,
         "logger": False,
         "enable_checkpointing": False,
         "enable_progress_bar": False,

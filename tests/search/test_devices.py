@@ -56,3 +56,15 @@ def test_plan_slots_cpu_procs_per_trial_share_cores() -> None:
 def test_plan_slots_refuses_bad_ddp_flags(kwargs: dict[str, int], message: str) -> None:
     with pytest.raises(UsageError, match=message):
         plan_slots(None, 1, None, **kwargs)
+
+
+def test_plan_slots_gpu_workers_split_the_host_cores(monkeypatch: pytest.MonkeyPatch) -> None:
+    """K workers per GPU each get their share of the cores, not all of them (their OpenMP threads would
+    otherwise spin against each other's launch threads). The GPU count is the only thing faked here: the
+    planning is pure, and this machine has no GPU."""
+    monkeypatch.setattr("search.devices.torch.cuda.device_count", lambda: 2)
+    monkeypatch.setattr("search.devices.os.cpu_count", lambda: 16)
+    slots = plan_slots("all", 4, None)
+    assert [s.cuda_visible_devices for s in slots] == ["0"] * 4 + ["1"] * 4
+    assert {s.threads for s in slots} == {2}
+    assert plan_slots("1", 1, None) == [Slot("1", "gpu", 1, 16)]

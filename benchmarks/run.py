@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import optuna
 import torch
@@ -26,6 +27,7 @@ import yaml
 from benchmarks.baseline import hand_written_fit
 from benchmarks.record import write_results
 from lightning_modules.registry import Registry
+from search import objective
 from search.data import prepare_datamodule
 from search.objective import Devices, TrialRunner
 from search.pareto import hypervolume, reference_costs
@@ -133,10 +135,13 @@ def quick_study_cpu(args: argparse.Namespace) -> dict[str, Any]:
 
 
 class _TimedStorage:
-    """Wraps every public method of a storage to add up the seconds spent in it."""
+    """Adds up the seconds spent in every public method of a storage, and in the platform's own batched
+    attribute writer (``search.storage.set_user_attrs``, whose SQL runs inside Optuna's private session
+    helpers rather than a public method). Nested timed calls count once, at the outermost."""
 
     def __init__(self, storage: Any) -> None:
         self.seconds = 0.0
+        self._depth = 0
         for name in dir(storage):
             attr = getattr(storage, name)
             if name.startswith("_") or not callable(attr):
@@ -145,25 +150,25 @@ class _TimedStorage:
 
     def _timed(self, fn: Callable) -> Callable:
         def wrapper(*a: Any, **k: Any) -> Any:
+            self._depth += 1
             start = time.perf_counter()
             try:
                 return fn(*a, **k)
             finally:
-                self.seconds += time.perf_counter() - start
+                self._depth -= 1
+                if self._depth == 0:
+                    self.seconds += time.perf_counter() - start
 
         return wrapper
 
 
-@CPU.register("storage_share")
-def storage_share(args: argparse.Namespace) -> dict[str, Any]:
-    """Target 6: the share of a trial's time spent in storage calls, on SQLite and PostgreSQL."""
+def _storage_shares(cfg: Any, trials: int = 4) -> dict[str, float]:
+    """Share of ``trials`` trials' wall time spent in storage calls, on SQLite and on PostgreSQL."""
     urls = {"sqlite": None, "postgresql": os.environ.get("SE_SEARCH_TEST_POSTGRES",
                                                           "postgresql+psycopg://postgres@127.0.0.1:5432/test")}
+    dm = prepare_datamodule(cfg)
     shares = {}
     with tempfile.TemporaryDirectory() as tmp:
-        path = _study_file(Path(tmp), "share", size=16, epochs=3, width=1.0, pruner="median", trials=4)
-        cfg = load_study(str(path))
-        dm = prepare_datamodule(cfg)
         for name, url in urls.items():
             storage = optuna.storages.RDBStorage(url or f"sqlite:///{tmp}/share.db", heartbeat_interval=60)
             timer = _TimedStorage(storage)
@@ -171,16 +176,30 @@ def storage_share(args: argparse.Namespace) -> dict[str, Any]:
             runner = TrialRunner(cfg, dm, Devices("cpu", 1))
             timer.seconds = 0.0
             start = time.perf_counter()
-            for _ in range(4):
-                trial = study.ask()
-                try:
-                    study.tell(trial, runner(trial))
-                except optuna.TrialPruned:
-                    study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+            with mock.patch.object(objective, "set_user_attrs", timer._timed(objective.set_user_attrs)):
+                for _ in range(trials):
+                    trial = study.ask()
+                    try:
+                        study.tell(trial, runner(trial))
+                    except optuna.TrialPruned:
+                        study.tell(trial, state=optuna.trial.TrialState.PRUNED)
             shares[name] = timer.seconds / (time.perf_counter() - start)
-    worst = max(shares.values())
-    return {"summary": ", ".join(f"{k} {v:.2%}" for k, v in shares.items()), "target": "< 2% of trial time",
-            "met": worst < 0.02, "shares": shares}
+    return shares
+
+
+@CPU.register("storage_share")
+def storage_share(args: argparse.Namespace) -> dict[str, Any]:
+    """Target 6: the share of a trial's time spent in storage calls, on SQLite and PostgreSQL, for the
+    README's quick digits study (the target's setting), and as a stress case for 3-epoch ResNet-20 trials
+    of about a second, where the fixed per-trial storage work weighs most."""
+    quick = _storage_shares(load_study("se_placement", dataset="digits", epochs=2))
+    with tempfile.TemporaryDirectory() as tmp:
+        path = _study_file(Path(tmp), "share", size=16, epochs=3, width=1.0, pruner="median", trials=4)
+        short = _storage_shares(load_study(str(path)))
+    worst = max(quick.values())
+    return {"summary": "quick-study trials: " + ", ".join(f"{k} {v:.2%}" for k, v in quick.items())
+                       + "; 1 s stress trials: " + ", ".join(f"{k} {v:.2%}" for k, v in short.items()),
+            "target": "< 2% of trial time", "met": worst < 0.02, "shares": quick, "stress_shares": short}
 
 
 @CPU.register("pruning_pays")

@@ -22,9 +22,10 @@ from lightning_modules.training import make_trainer
 from search.cost import count_cost
 from search.data import data_config, ready_datamodule
 from search.ddp import RankGroup, destroy_process_group
-from search.pruning import MultiObjectivePruner, PruningCallback
+from search.pruning import CURVE_ATTR, MultiObjectivePruner, PruningCallback
 from search.samplers import CONSTRAINTS_ATTR
 from search.space import TrialDesign, suggest
+from search.storage import set_user_attrs
 from search.study_config import StudyConfig
 
 __all__ = ["Devices", "TrialRunner", "train_and_test", "trial_seed"]
@@ -77,6 +78,8 @@ def _fit_and_test(trainer: pl.Trainer, model: SEClassifier, datamodule: pl.Light
     curve = callback.curve if callback else []
     result: dict[str, Any] = {"epochs_run": len(curve) or trainer.current_epoch,
                               "train_seconds": round(train_seconds, 3)}
+    if curve:  # the whole curve: the callback writes it to the trial only now and then while training
+        result[CURVE_ATTR] = list(curve)
     if callback and callback.pruned_at_epoch:
         return {**result, "pruned_at_epoch": callback.pruned_at_epoch}
     val = float(trainer.callback_metrics["val_accuracy"]) if not curve else curve[-1]
@@ -130,13 +133,10 @@ class TrialRunner:
         constraints = self.constraint_values(cost.to_dict())
         if constraints:
             attrs[CONSTRAINTS_ATTR] = constraints
-        for key, value in attrs.items():
-            trial.set_user_attr(key, value)
+        set_user_attrs(trial, attrs)
 
-        result = self.fit(design, seed, trial)
-        for key, value in result.items():
-            if key != "pruned_at_epoch":
-                trial.set_user_attr(key, value)
+        result = self.fit(design, seed, trial, flops=cost.flops)
+        set_user_attrs(trial, {key: value for key, value in result.items() if key != "pruned_at_epoch"})
         if result.get("pruned_at_epoch"):
             raise optuna.TrialPruned(f"pruned after epoch {result['pruned_at_epoch']}")
         metrics = {"val_accuracy": result["val_accuracy"], **cost.to_dict()}
@@ -148,9 +148,10 @@ class TrialRunner:
         return [cost[k] - limit for k, limit in (("flops", limits.max_flops), ("params", limits.max_params))
                 if limit is not None]
 
-    def fit(self, design: TrialDesign, seed: int, trial: optuna.Trial | None) -> dict[str, Any]:
+    def fit(self, design: TrialDesign, seed: int, trial: optuna.Trial | None, flops: float | None = None,
+            ) -> dict[str, Any]:
         """Train and evaluate ``design``; with a ``trial``, report and prune through it."""
-        callback = PruningCallback(trial, self.mo_pruner) if trial is not None else None
+        callback = PruningCallback(trial, self.mo_pruner, flops) if trial is not None else None
         d = self.devices
         if self.ranks is None:
             return train_and_test(design, seed, self.dm, accelerator=d.accelerator, devices=d.devices,

@@ -11,6 +11,7 @@ is never pruned for being worse than networks that cost more.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -32,6 +33,11 @@ __all__ = [
 
 CURVE_ATTR = "val_accuracy_curve"
 FLOPS_ATTR = "flops"
+# A running trial's curve is written after its first epoch (so monitors and crash records see it train) and
+# then at most this often; the objective writes the whole curve when the fit ends. Per-epoch writes were
+# most of a short trial's storage time, and pruning never reads a running trial's curve (the shadow study
+# compares against finished trials only).
+CURVE_WRITE_INTERVAL_S = 5.0
 
 PRUNERS: Registry[Callable[..., optuna.pruners.BasePruner]] = Registry("pruner")
 PRUNERS.register("none")(optuna.pruners.NopPruner)
@@ -112,10 +118,12 @@ class MultiObjectivePruner:
         self.name, self.options, self.pareto_aware = name, dict(options), pareto_aware
         make_pruner(name, options)  # validate options now, not at the first epoch
 
-    def should_prune(self, trial: optuna.Trial, curve: Sequence[float]) -> bool:
+    def should_prune(self, trial: optuna.Trial, curve: Sequence[float], own_flops: float | None = None) -> bool:
+        """``own_flops``: the trial's FLOPs if the caller knows them (saves a storage read per epoch)."""
         if self.name == "none":
             return False
-        own_flops = trial.user_attrs.get(FLOPS_ATTR)
+        if own_flops is None:
+            own_flops = trial.user_attrs.get(FLOPS_ATTR)
         finished = []
         for t in trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)):
             if self.pareto_aware and own_flops is not None and t.user_attrs.get(FLOPS_ATTR, float("inf")) > own_flops:
@@ -132,10 +140,12 @@ class PruningCallback(pl.Callback):
     (and a rerun of a stored trial) hold no trial: ``trial`` None records the curve and joins the broadcast.
     """
 
-    def __init__(self, trial: optuna.Trial | None, mo_pruner: MultiObjectivePruner | None) -> None:
-        self.trial, self.mo_pruner = trial, mo_pruner
+    def __init__(self, trial: optuna.Trial | None, mo_pruner: MultiObjectivePruner | None,
+                 flops: float | None = None) -> None:
+        self.trial, self.mo_pruner, self.flops = trial, mo_pruner, flops
         self.curve: list[float] = []
         self.pruned_at_epoch: int | None = None
+        self._curve_written_at: float | None = None
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking or VAL_ACCURACY not in trainer.callback_metrics:
@@ -144,7 +154,7 @@ class PruningCallback(pl.Callback):
         epoch = len(self.curve)
         prune = False
         if trainer.is_global_zero and self.trial is not None:
-            self.trial.set_user_attr(CURVE_ATTR, list(self.curve))
+            self._write_curve()
             if self.mo_pruner is None:
                 self.trial.report(self.curve[-1], epoch - 1)
             if epoch < trainer.max_epochs:  # after the last epoch there is nothing left to save
@@ -154,7 +164,13 @@ class PruningCallback(pl.Callback):
             self.pruned_at_epoch = epoch
             trainer.should_stop = True
 
+    def _write_curve(self) -> None:
+        now = time.monotonic()
+        if self._curve_written_at is None or now - self._curve_written_at >= CURVE_WRITE_INTERVAL_S:
+            self.trial.set_user_attr(CURVE_ATTR, list(self.curve))
+            self._curve_written_at = now
+
     def _decide(self) -> bool:
         if self.mo_pruner is None:
             return self.trial.should_prune()
-        return self.mo_pruner.should_prune(self.trial, self.curve)
+        return self.mo_pruner.should_prune(self.trial, self.curve, self.flops)

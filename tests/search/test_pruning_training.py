@@ -84,3 +84,34 @@ def test_pruning_callback_keeps_good_trial(tmp_path: Path) -> None:
     trial = _run(study, runner)
     assert trial.state == TrialState.COMPLETE
     assert trial.user_attrs["val_accuracy"] > 0.2
+
+
+def test_running_curve_is_written_after_first_epoch_then_throttled_and_whole_at_the_end(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The curve a running trial shows in storage: epoch 1 at once (monitors, crash records), later epochs
+    only every CURVE_WRITE_INTERVAL_S (here: never), and the whole curve once the fit ends."""
+    import pytorch_lightning as pl
+
+    monkeypatch.setattr("search.pruning.CURVE_WRITE_INTERVAL_S", 1e9)
+    seen: list[list[float]] = []
+
+    class ReadStoredCurve(pl.Callback):  # runs after the pruning callback in the same hook
+        def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+            stored = study.trials[-1].user_attrs.get(CURVE_ATTR, [])
+            seen.append(list(stored))
+
+    monkeypatch.setattr("search.objective.make_trainer", _with_callback(ReadStoredCurve()))
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    trial = _run(study, _runner(tmp_path, lr=0.1))
+    assert trial.state == TrialState.COMPLETE
+    assert [len(c) for c in seen] == [1, 1, 1]
+    assert len(trial.user_attrs[CURVE_ATTR]) == 3 and trial.user_attrs[CURVE_ATTR][0] == seen[0][0]
+
+
+def _with_callback(extra):  # type: ignore[no-untyped-def]
+    from lightning_modules.training import make_trainer
+
+    def make(*args, callbacks=(), **kwargs):  # type: ignore[no-untyped-def]
+        return make_trainer(*args, callbacks=[*callbacks, extra], **kwargs)
+
+    return make

@@ -15,7 +15,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from search.storage import open_storage
+from search.storage import open_storage, set_user_attrs
 from search.worker import FAIL_REASON_ATTR
 from tests.search.helpers import load, run_cli, tiny_study
 
@@ -37,6 +37,26 @@ def test_open_storage_shares_study_between_machines(storage_url: str, study_name
         study.tell(trial, [0.5 + i / 10, 1e6])
     assert sorted(t.number for t in created.trials) == [0, 1, 2, 3]
     assert len(joined.get_trials(states=(TrialState.COMPLETE,))) == 4
+
+
+@pytest.mark.parametrize("storage_url", BACKENDS, indirect=True)
+def test_set_user_attrs_writes_all_keys_at_once_and_nothing_on_a_finished_trial(storage_url: str,
+                                                                                study_name: str) -> None:
+    """The batched writer stores every key with Optuna's own encoding (read back through a second handle),
+    overwrites existing keys, and refuses a finished trial as ``set_user_attr`` does, writing none of the
+    batch."""
+    study = optuna.create_study(study_name=study_name, storage=open_storage(storage_url))
+    trial = study.ask()
+    trial.set_user_attr("seed", 1)
+    attrs = {"seed": 7, "flops": 123456789012, "placements": ["none", "standard"], "note": "ü", "curve": [0.5]}
+    set_user_attrs(trial, attrs)
+    reader = optuna.load_study(study_name=study_name, storage=open_storage(storage_url))
+    assert reader.trials[0].user_attrs == attrs
+    study.tell(trial, 0.5)
+    with pytest.raises(optuna.exceptions.UpdateFinishedTrialError):
+        set_user_attrs(trial, {"late": 1, "seed": 8})
+    after = optuna.load_study(study_name=study_name, storage=open_storage(storage_url)).trials[0].user_attrs
+    assert after == attrs
 
 
 @pytest.mark.parametrize("storage_url", BACKENDS, indirect=True)

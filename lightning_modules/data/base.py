@@ -43,6 +43,10 @@ __all__ = [
 
 # Images up to this size (CIFAR is 32) are held whole on the device; larger ones go through DataLoaders.
 FAST_PATH_MAX_SIZE = 64
+# Evaluation batches hold this many pixels per channel (1024 images at 32x32), never fewer images than a
+# training batch: without gradients they fit easily, and every batch costs a fixed loop, logging and
+# kernel-launch overhead that a 5,000-image validation split pays 10 times at batch 512.
+EVAL_BATCH_PIXELS = 1024 * 32 * 32
 
 
 @dataclass
@@ -192,7 +196,8 @@ class ArrayDataModule(pl.LightningDataModule):
         d = self._prepared()
         images, labels = self._on_device(device)[d.pool_of[split]]
         return DeviceBatchLoader(
-            images, labels, indices=torch.from_numpy(d.indices[split]), batch_size=self.cfg.batch_size,
+            images, labels, indices=torch.from_numpy(d.indices[split]),
+            batch_size=self.cfg.batch_size if train else self.eval_batch_size,
             mean=d.mean, std=d.std, shuffle=train, augment=train and self.cfg.augment,
             padding=default_padding(self.image_size), flip=self.hflip, seed=seed,
         )
@@ -210,6 +215,11 @@ class ArrayDataModule(pl.LightningDataModule):
     @property
     def classes(self) -> tuple[str, ...]:
         return self._prepared().classes
+
+    @property
+    def eval_batch_size(self) -> int:
+        """Batch size of the validation and test loaders (see ``EVAL_BATCH_PIXELS``)."""
+        return max(self.cfg.batch_size, EVAL_BATCH_PIXELS // self.image_size**2)
 
     @property
     def in_channels(self) -> int:
@@ -249,6 +259,7 @@ class ArrayDataModule(pl.LightningDataModule):
             "augment": {"random_crop_padding": default_padding(self.image_size),
                         "horizontal_flip": self.hflip} if self.cfg.augment else None,
             "batch_size": self.cfg.batch_size,
+            "eval_batch_size": self.eval_batch_size,
         }
 
     # -- internals ------------------------------------------------------------------------------------
@@ -344,7 +355,7 @@ class ArrayDataModule(pl.LightningDataModule):
                 f"{self.cfg.batch_size} per process ({world} process(es)); lower batch_size"
             )
         return DeviceBatchLoader(
-            images, labels, indices=indices, batch_size=self.cfg.batch_size, mean=d.mean, std=d.std,
-            shuffle=shuffle, augment=augment, padding=default_padding(self.image_size), flip=self.hflip,
-            seed=seed, world_size=world, rank=rank,
+            images, labels, indices=indices, batch_size=self.cfg.batch_size if shuffle else self.eval_batch_size,
+            mean=d.mean, std=d.std, shuffle=shuffle, augment=augment, padding=default_padding(self.image_size),
+            flip=self.hflip, seed=seed, world_size=world, rank=rank,
         )

@@ -769,3 +769,19 @@ def test_shared_cifar10_jpeg_full_copy_fit_and_cache(tmp_path: Path) -> None:
     assert second.describe()["cache_hit"] is True
     assert time.perf_counter() - start < 30
     assert np.array_equal(second.split_indices["val"], dm.split_indices["val"])
+
+
+@pytest.mark.parametrize(("image_size", "expected"), [(8, 16384), (32, 1024)])
+def test_eval_loaders_use_large_batches_and_train_loader_the_recipe(image_size: int, expected: int) -> None:
+    """Validation and test batches hold 1024 32x32 images' worth of pixels (whole small splits in one batch);
+    training keeps the recipe's batch size, and the hand-written loops' ``loader`` does the same."""
+    dm = build_datamodule(_digits(image_size=image_size, batch_size=64))
+    dm.setup("fit")
+    assert dm.eval_batch_size == expected == dm.describe()["eval_batch_size"]
+    assert dm.train_dataloader().batch_size == 64
+    val = dm.val_dataloader()
+    assert val.batch_size == expected and len(val) == -(-144 // expected)
+    assert sum(len(y) for _, y in val) == 144
+    cpu = torch.device("cpu")
+    assert dm.loader("test", device=cpu).batch_size == expected
+    assert dm.loader("train", device=cpu, train=True).batch_size == 64

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["RESULTS_DIR", "machine", "render_table", "write_results"]
+__all__ = ["RESULTS_DIR", "machine", "refresh", "render_table", "write_results"]
 
 HERE = Path(__file__).resolve().parent
 RESULTS_DIR = HERE / "results"
@@ -52,13 +52,19 @@ def write_results(results: list[dict[str, Any]], path: Path | None = None) -> Pa
     path = path or RESULTS_DIR / f"{stamp:%Y%m%dT%H%M%S}-{tag}.json"
     payload = {"date": stamp.isoformat(timespec="seconds"), "commit": _commit(), "machine": info, "results": results}
     path.write_text(json.dumps(payload, indent=2) + "\n")
+    refresh()
+    return path
+
+
+def refresh() -> None:
+    """Rebuild README.md's results table from every JSON file in ``results/`` (also ones copied back from
+    another machine)."""
     runs = [json.loads(p.read_text()) for p in sorted(RESULTS_DIR.glob("*.json"))]
     table = render_table(runs)
     text = README.read_text() if README.exists() else f"# Benchmarks\n\n{BEGIN}\n{END}\n"
     head, _, rest = text.partition(BEGIN)
     _, _, tail = rest.partition(END)
     README.write_text(f"{head}{BEGIN}\n{table}\n{END}{tail}")
-    return path
 
 
 def render_table(runs: list[dict[str, Any]]) -> str:

@@ -1,0 +1,99 @@
+"""The benchmark harness's own bookkeeping (no timing is asserted here: speed goals live in the recorded
+results). Results are written after every benchmark, so an interrupted run keeps what it measured; a broken
+benchmark is recorded as an error while the others run; the README table is rebuilt from every JSON file,
+including ones copied back from a GPU machine."""
+
+from __future__ import annotations
+
+import datetime
+import json
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pytest
+
+from benchmarks import record
+from benchmarks import run as bench
+from lightning_modules.registry import Registry
+
+
+@pytest.fixture
+def results_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setattr(record, "RESULTS_DIR", tmp_path / "results")
+    monkeypatch.setattr(record, "README", tmp_path / "README.md")
+    (tmp_path / "README.md").write_text(f"# B\n\nbefore\n\n{record.BEGIN}\nold\n{record.END}\n\nafter\n")
+    monkeypatch.setenv("SE_SEARCH_COMMIT", "abc1234")
+    return tmp_path
+
+
+def _registry(**benches: Any) -> Registry:
+    reg: Registry = Registry("benchmark")
+    for name, fn in benches.items():
+        reg.register(name)(fn)
+    return reg
+
+
+def _ok(args: Any) -> dict[str, Any]:
+    return {"summary": "1.00x", "target": "<= 1.05", "met": True}
+
+
+def test_results_written_after_each_benchmark_and_errors_recorded(results_dir: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(args: Any) -> dict[str, Any]:
+        files = list((results_dir / "results").glob("*.json"))
+        assert len(files) == 1 and json.loads(files[0].read_text())["results"][0]["name"] == "first"
+        raise ValueError("no GPU here")
+
+    monkeypatch.setattr(bench, "CPU", _registry(first=_ok, second=broken, third=_ok))
+    assert bench.main([]) == 0
+    (path,) = (results_dir / "results").glob("*-cpu.json")
+    run = json.loads(path.read_text())
+    assert run["commit"] == "abc1234"
+    assert [(r["name"], r["met"]) for r in run["results"]] == [("first", True), ("second", None), ("third", True)]
+    assert run["results"][1]["summary"] == "error: ValueError: no GPU here"
+    readme = (results_dir / "README.md").read_text()
+    assert "old" not in readme and readme.startswith("# B\n\nbefore") and readme.endswith("after\n")
+    assert "| abc1234 | first | 1.00x | <= 1.05 | yes |" in readme and "| second | error" in readme
+
+
+def test_interrupt_keeps_finished_results_and_stops(results_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def interrupted(args: Any) -> dict[str, Any]:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bench, "CPU", _registry(first=_ok, cut=interrupted, never=_ok))
+    assert bench.main([]) == 0
+    (path,) = (results_dir / "results").glob("*.json")
+    names = [(r["name"], r["summary"]) for r in json.loads(path.read_text())["results"]]
+    assert names == [("first", "1.00x"), ("cut", "stopped before it finished")]
+
+
+def test_unknown_benchmark_is_refused(results_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert bench.main(["--only", "nope"]) == 2
+    assert "unknown benchmark(s) ['nope']" in capsys.readouterr().err
+    assert not (results_dir / "results").exists()
+
+
+def test_refresh_tables_results_copied_from_another_machine(results_dir: Path) -> None:
+    (results_dir / "results").mkdir()
+    gpu_run = {"date": "2026-11-30T03:00:00+00:00", "commit": "def5678",
+               "machine": {"gpu": "NVIDIA H200", "cores": 16},
+               "results": [{"name": "trial_speed", "summary": "8.1 s", "target": ">= 90% in <= 10 s", "met": False}]}
+    (results_dir / "results" / "20261130T030000-gpu-NVIDIA_H200.json").write_text(json.dumps(gpu_run))
+    record.refresh()
+    assert "| 2026-11-30 | NVIDIA H200 | def5678 | trial_speed | 8.1 s | >= 90% in <= 10 s | **no** |" in (
+        results_dir / "README.md").read_text()
+
+
+def test_steady_rate_counts_complete_trials_between_first_start_and_last_end() -> None:
+    t0 = datetime.datetime(2026, 11, 30, 3, 0, 0)
+
+    def trial(start: float, end: float, state: optuna.trial.TrialState) -> optuna.trial.FrozenTrial:
+        t = optuna.trial.create_trial(state=state, value=0.5 if state == optuna.trial.TrialState.COMPLETE else None)
+        t.datetime_start = t0 + datetime.timedelta(seconds=start)
+        t.datetime_complete = t0 + datetime.timedelta(seconds=end)
+        return t
+
+    trials = [trial(0, 10, optuna.trial.TrialState.COMPLETE), trial(5, 30, optuna.trial.TrialState.COMPLETE),
+              trial(1, 100, optuna.trial.TrialState.FAIL)]
+    assert bench._trials_per_hour(trials) == pytest.approx(2 / 30 * 3600)

@@ -24,6 +24,8 @@ bench() {  # bench SECONDS ARGS...: one benchmarks.run invocation, interrupted (
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
   || exit 1
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 SE_SEARCH_CACHE_DIR=/tmp/se-cache
+SE_SEARCH_COMMIT=${SE_SEARCH_COMMIT:-$(cat .devdata/commit 2>/dev/null)}
+export SE_SEARCH_COMMIT
 # The packed tree (../shared/tools/jpeg_tree_blob.py's format; ../shared does not travel): bytes + offsets.
 python3 - <<'PY' || exit 1
 import numpy as np, pathlib

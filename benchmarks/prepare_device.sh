@@ -14,4 +14,6 @@ for pkg in optuna sqlalchemy alembic colorlog mako; do
     "${platforms[@]}" -d .whl "$pkg==$version"
 done
 [ -f .devdata/cifar10-jpeg.npz ] || python3 ../shared/tools/jpeg_tree_blob.py pack ../shared/data/cifar10-jpeg .devdata/cifar10-jpeg.npz
+# The tree sent to the GPU machine has no git history: record which commit it is (rerun after committing).
+git rev-parse --short HEAD > .devdata/commit
 du -sh .whl .devdata

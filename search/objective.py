@@ -148,9 +148,10 @@ class TrialRunner:
         return [cost[k] - limit for k, limit in (("flops", limits.max_flops), ("params", limits.max_params))
                 if limit is not None]
 
-    def fit(self, design: TrialDesign, seed: int, trial: optuna.Trial | None, flops: float | None = None,
-            ) -> dict[str, Any]:
-        """Train and evaluate ``design``; with a ``trial``, report and prune through it."""
+    def fit(self, design: TrialDesign, seed: int, trial: optuna.Trial | None,
+            flops: float | None = None) -> dict[str, Any]:
+        """Train and evaluate ``design``; with a ``trial``, report and prune through it (``flops``: the
+        network's, for Pareto-aware pruning)."""
         callback = PruningCallback(trial, self.mo_pruner, flops) if trial is not None else None
         d = self.devices
         if self.ranks is None:

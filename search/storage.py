@@ -19,6 +19,7 @@ from typing import Any
 
 import optuna
 import sqlalchemy
+from optuna.storages._rdb import models as rdb_models
 from optuna.storages._rdb.storage import _create_scoped_session
 from sqlalchemy.engine import make_url
 
@@ -157,9 +158,7 @@ def set_user_attrs(trial: optuna.Trial, attrs: Mapping[str, Any]) -> None:
         for key, value in attrs.items():
             trial.set_user_attr(key, value)
         return
-    from optuna.storages._rdb import models
-
     with _create_scoped_session(backend.scoped_session) as session:
         for key, value in attrs.items():
-            backend._set_trial_attr_without_commit(session, models.TrialUserAttributeModel, trial._trial_id, key,
-                                                   value)
+            backend._set_trial_attr_without_commit(session, rdb_models.TrialUserAttributeModel, trial._trial_id,
+                                                   key, value)

@@ -1,0 +1,155 @@
+"""CPU benchmarks (targets 2, 4 and 6 on the CPU): platform overhead, the quick study, storage share and
+pruning savings."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+from unittest import mock
+
+import optuna
+import torch
+
+from benchmarks.harness import CPU, REPO, digits_study_file, overhead, study_variant
+from search import objective
+from search.data import prepare_datamodule
+from search.objective import Devices, TrialRunner
+from search.pareto import hypervolume
+from search.study_config import find_study_file, load_study
+from search.study_store import create_or_load_study
+
+
+@CPU.register("overhead_cpu")
+def overhead_cpu(args: argparse.Namespace) -> dict[str, Any]:
+    """Target 2 on the CPU: a trial through the platform vs the hand-written loop (ResNet-20, digits 16x16,
+    10 epochs as in the studies' recipes)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = digits_study_file(Path(tmp), "overhead", size=16, epochs=10, width=1.0, pruner="none", trials=1)
+        return overhead(args, str(path), {}, torch.device("cpu"))
+
+
+@CPU.register("quick_study_cpu")
+def quick_study_cpu(args: argparse.Namespace) -> dict[str, Any]:
+    """Target 6: README's quick digits study, as a user runs it, wall time."""
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "-m", "search.run", "--study", "se_placement", "--dataset", "digits", "--trials", "8",
+               "--epochs", "2", "--runs-dir", tmp]
+        start = time.perf_counter()
+        result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, check=False, env={**os.environ,
+                                "SE_SEARCH_STORAGE": ""})
+        seconds = time.perf_counter() - start
+    ok = result.returncode == 0
+    return {"summary": f"{seconds:.0f} s (exit {result.returncode})", "target": "<= 180 s on 2 cores",
+            "met": ok and seconds <= 180, "seconds": seconds, "command": " ".join(cmd[1:])}
+
+
+class _TimedStorage:
+    """Adds up the seconds spent in every public method of a storage, and in the platform's own batched
+    attribute writer (``search.storage.set_user_attrs``, whose SQL runs inside Optuna's private session
+    helpers rather than a public method). Nested timed calls count once, at the outermost."""
+
+    def __init__(self, storage: Any) -> None:
+        self.seconds = 0.0
+        self._depth = 0
+        for name in dir(storage):
+            attr = getattr(storage, name)
+            if name.startswith("_") or not callable(attr):
+                continue
+            setattr(storage, name, self._timed(attr))
+
+    def _timed(self, fn: Callable) -> Callable:
+        def wrapper(*a: Any, **k: Any) -> Any:
+            self._depth += 1
+            start = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                self._depth -= 1
+                if self._depth == 0:
+                    self.seconds += time.perf_counter() - start
+
+        return wrapper
+
+
+def _storage_shares(cfg: Any, trials: int = 4) -> dict[str, float]:
+    """Share of ``trials`` trials' wall time spent in storage calls, on SQLite and on PostgreSQL."""
+    urls = {"sqlite": None, "postgresql": os.environ.get("SE_SEARCH_TEST_POSTGRES",
+                                                          "postgresql+psycopg://postgres@127.0.0.1:5432/test")}
+    dm = prepare_datamodule(cfg)
+    shares = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, url in urls.items():
+            storage = optuna.storages.RDBStorage(url or f"sqlite:///{tmp}/share.db", heartbeat_interval=60)
+            timer = _TimedStorage(storage)
+            study = create_or_load_study(storage, f"share-{time.time_ns()}", cfg, 3)
+            runner = TrialRunner(cfg, dm, Devices("cpu", 1))
+            timer.seconds = 0.0
+            start = time.perf_counter()
+            with mock.patch.object(objective, "set_user_attrs", timer._timed(objective.set_user_attrs)):
+                for _ in range(trials):
+                    trial = study.ask()
+                    try:
+                        study.tell(trial, runner(trial))
+                    except optuna.TrialPruned:
+                        study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+            shares[name] = timer.seconds / (time.perf_counter() - start)
+    return shares
+
+
+@CPU.register("storage_share")
+def storage_share(args: argparse.Namespace) -> dict[str, Any]:
+    """Target 6: the share of a trial's time spent in storage calls, on SQLite and PostgreSQL, for the
+    README's quick digits study (the target's setting), and as a stress case for 3-epoch ResNet-20 trials
+    of about a second, where the fixed per-trial storage work weighs most."""
+    quick = _storage_shares(load_study("se_placement", dataset="digits", epochs=2))
+    with tempfile.TemporaryDirectory() as tmp:
+        path = digits_study_file(Path(tmp), "share", size=16, epochs=3, width=1.0, pruner="median", trials=4)
+        short = _storage_shares(load_study(str(path)))
+    worst = max(quick.values())
+    return {"summary": "quick-study trials: " + ", ".join(f"{k} {v:.2%}" for k, v in quick.items())
+                       + "; 1 s stress trials: " + ", ".join(f"{k} {v:.2%}" for k, v in short.items()),
+            "target": "< 2% of trial time", "met": worst < 0.02, "shares": quick, "stress_shares": short}
+
+
+PRUNING_TRIALS = 24
+
+
+@CPU.register("pruning_pays")
+def pruning_pays(args: argparse.Namespace) -> dict[str, Any]:
+    """Target 4: se_placement on digits (the README's CPU setting, the study's own 10 epochs and pruner) run
+    twice with the same seeds, with its pruner and with none: training epochs saved, and the final Pareto
+    front's hypervolume against the unpruned run's."""
+    runs = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        studies = {"pruned": find_study_file("se_placement"),
+                   "unpruned": study_variant(Path(tmp), "se_placement", "se_placement_unpruned",
+                                              pruner={"name": "none"})}
+        for kind, path in studies.items():
+            db = f"sqlite:///{tmp}/{kind}.db"
+            result = subprocess.run([sys.executable, "-m", "search.run", "--study", str(path), "--dataset", "digits",
+                                     "--trials", str(PRUNING_TRIALS), "--storage", db, "--runs-dir", tmp],
+                                    cwd=REPO, capture_output=True, text=True, check=False)
+            if result.returncode != 0:
+                raise RuntimeError(result.stderr[-2000:])
+            study = optuna.load_study(study_name=optuna.get_all_study_names(db)[0], storage=db)
+            trials = study.get_trials()
+            epochs = sum(t.user_attrs.get("epochs_run", 0) for t in trials)
+            hv = hypervolume(trials, ["val_accuracy", "flops"], study.user_attrs["reference_costs"])
+            runs[kind] = {"epochs": epochs, "hypervolume": hv,
+                          "pruned": sum(t.state.name == "PRUNED" for t in trials),
+                          "best_val_accuracy": max((t.values[0] for t in trials if t.values), default=None)}
+    saved = 1 - runs["pruned"]["epochs"] / runs["unpruned"]["epochs"]
+    hv_ratio = runs["pruned"]["hypervolume"] / runs["unpruned"]["hypervolume"]
+    pruner = load_study("se_placement").pruner
+    return {"summary": f"{saved:.0%} epochs saved ({runs['pruned']['pruned']} of {PRUNING_TRIALS} trials pruned, "
+                       f"{pruner.name}), hypervolume {hv_ratio:.3f} of unpruned",
+            "target": ">= 40% epochs saved, hypervolume within 2%", "met": saved >= 0.4 and hv_ratio >= 0.98,
+            "runs": runs, "epochs_saved": saved, "hypervolume_ratio": hv_ratio, "pruner": pruner.name,
+            "pruner_options": dict(pruner.options)}

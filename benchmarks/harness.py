@@ -1,0 +1,115 @@
+"""What the benchmarks share: their registries, the study files they train, and one platform trial timed
+against the hand-written loop (``benchmarks.baseline``) on the same network, data and seed."""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import optuna
+import torch
+import yaml
+
+from benchmarks.baseline import hand_written_fit
+from lightning_modules.registry import Registry
+from search.cost import count_cost
+from search.data import prepare_datamodule
+from search.objective import Devices, TrialRunner
+from search.pareto import reference_costs
+from search.study_config import find_study_file, load_study
+from search.study_store import create_or_load_study
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_CIFAR = REPO.parent / "shared" / "data" / "cifar10-jpeg"
+Benchmark = Callable[[argparse.Namespace], dict[str, Any]]
+CPU: Registry[Benchmark] = Registry("benchmark")
+GPU: Registry[Benchmark] = Registry("benchmark")
+
+DIGITS_STUDY = """
+description: benchmark study on digits (resnet20 at half width)
+backbone: resnet20
+data: {{dataset: digits, val_size: 0.2, image_size: {size}}}
+training: {{epochs: {epochs}, batch_size: 128, lr: 0.1}}
+search_space:
+  width_multiplier: [{width}]
+  placement: [none, standard, pre, post, identity]
+  reduction: [4, 16]
+  pooling: [avg, max]
+objectives: [val_accuracy, flops]
+pruner: {pruner}
+trials: {trials}
+seed: 0
+"""
+
+
+PRUNERS = {"none": "{name: none}", "median": "{name: median, options: {n_startup_trials: 4, n_warmup_steps: 1}}"}
+
+
+def digits_study_file(tmp: Path, name: str, **fmt: Any) -> Path:
+    path = tmp / f"{name}.yaml"
+    path.write_text(DIGITS_STUDY.format(**{**fmt, "pruner": PRUNERS[fmt["pruner"]]}))
+    return path
+
+
+def platform_trial(cfg: Any, dm: Any, devices: Devices, storage: Any, params: dict[str, Any]) -> tuple[float, Any]:
+    """One trial exactly as a worker runs it (cost, storage writes, pruning callback, test), timed."""
+    shape = {"num_classes": dm.num_classes, "in_channels": dm.in_channels, "image_size": dm.image_size}
+    attrs = {"reference_costs": reference_costs(cfg, **shape)}
+    study = create_or_load_study(storage, f"bench-{time.time_ns()}", cfg, 3, attrs)
+    study.enqueue_trial(params)
+    runner = TrialRunner(cfg, dm, devices)
+    count_cost.cache_clear()  # a study's next trial is a new network: it pays the cost count
+    start = time.perf_counter()
+    trial = study.ask()
+    study.tell(trial, runner(trial))
+    seconds = time.perf_counter() - start
+    return seconds, study.trials[-1]
+
+
+def overhead(args: argparse.Namespace, study: str, overrides: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    cfg = load_study(study, **overrides)
+    dm = prepare_datamodule(cfg)
+    params = default_params(cfg)
+    devices = Devices("gpu" if device.type == "cuda" else "cpu", 1)
+    with tempfile.TemporaryDirectory() as tmp:
+        storage = optuna.storages.RDBStorage(f"sqlite:///{tmp}/bench.db")
+        design = TrialRunner(cfg, dm, devices).design(optuna.trial.FixedTrial(params))
+        platform_s, hand_s, trials = [], [], []
+        for _ in range(args.repeats):  # alternate, so drift of the machine hits both alike
+            hand = hand_written_fit(design.arch, design.recipe, dm, device, seed=0)
+            hand_s.append(hand["seconds"])
+            seconds, trial = platform_trial(cfg, dm, devices, storage, params)
+            platform_s.append(seconds)
+            trials.append(trial)
+    ratio = min(platform_s) / min(hand_s)
+    return {
+        "summary": f"platform {min(platform_s):.2f} s vs hand-written {min(hand_s):.2f} s: ratio {ratio:.3f}",
+        "target": "ratio <= 1.05",
+        "met": ratio <= 1.05,
+        "platform_seconds": platform_s,
+        "hand_seconds": hand_s,
+        "ratio": ratio,
+        "platform_val_accuracy": [t.user_attrs.get("val_accuracy") for t in trials],
+        "platform_test_accuracy": [t.user_attrs.get("test_accuracy") for t in trials],
+        "platform_train_seconds": [t.user_attrs.get("train_seconds") for t in trials],
+        "hand": hand,
+    }
+
+
+def study_variant(tmp: Path, study: str, name: str, **changes: Any) -> Path:
+    """A copy of a study file with top-level sections replaced (written as ``tmp/name.yaml``)."""
+    spec = yaml.safe_load(find_study_file(study).read_text()) | changes
+    path = tmp / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def default_params(cfg: Any) -> dict[str, Any]:
+    """The study's default trial: standard SE in every stage with the first reduction and pooling listed."""
+    return {f"stage{i}.{key}": value for i in (1, 2, 3) for key, value in
+            (("placement", "standard"), ("reduction", cfg.search_space.reduction[0]),
+             ("pooling", cfg.search_space.pooling[0]))}

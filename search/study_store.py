@@ -42,28 +42,19 @@ def default_study_name(cfg: StudyConfig, overridden: dict[str, object]) -> str:
     return "-".join([cfg.name, *parts])
 
 
-def _git_revision() -> str:
+def _git(*args: str) -> str:
+    """Output of ``git ARGS`` in this package's checkout ("" outside one, or without git)."""
     try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            cwd=Path(__file__).parent,
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=False,
-        )
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain"],
-            cwd=Path(__file__).parent,
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=False,
-        )
+        out = subprocess.run(["git", *args], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=10,
+                             check=False)
     except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    rev = out.stdout.strip() or "unknown"
-    return f"{rev}+dirty" if dirty.stdout.strip() else rev
+        return ""
+    return out.stdout.strip()
+
+
+def _git_revision() -> str:
+    rev = _git("rev-parse", "HEAD") or "unknown"
+    return f"{rev}+dirty" if rev != "unknown" and _git("status", "--porcelain") else rev
 
 
 def provenance() -> dict[str, object]:

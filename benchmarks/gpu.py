@@ -6,10 +6,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +14,7 @@ import optuna
 import torch
 
 from benchmarks.baseline import hand_written_fit
-from benchmarks.harness import GPU, REPO, default_params, overhead, study_variant
+from benchmarks.harness import GPU, SearchRun, default_params, overhead, run_search, study_variant
 from lightning_modules import build_arch
 from search.data import prepare_datamodule
 from search.objective import Devices, TrialRunner
@@ -129,27 +126,11 @@ def recipe_sweep(args: argparse.Namespace) -> dict[str, Any]:
             "target": "informational", "met": None, "variants": rows}
 
 
-def _run_study(args: argparse.Namespace, study: str, db: str, tmp: str, *extra: str,
-               timeout: float | None = None) -> tuple[list[optuna.trial.FrozenTrial], float, bool]:
-    """``search.run`` as a user runs it on GPU 0; returns the stored trials, the wall time and whether it
-    finished before ``timeout`` (on timeout it is stopped with SIGTERM, as Ctrl-C would)."""
+def _run_study(args: argparse.Namespace, study: str, runs_dir: str, *flags: str,
+               timeout: float | None = None) -> SearchRun:
+    """``search.run`` on GPU 0 with the CIFAR-10 copy (``harness.run_search``)."""
     data = [f"--{key.replace('_', '-')}={value}" for key, value in _cifar_overrides(args).items()]
-    cmd = [sys.executable, "-m", "search.run", "--study", study, *data, *GPU_ARGS, "--storage", db, "--runs-dir", tmp,
-           *extra]
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        _, err = proc.communicate(timeout=timeout)
-        finished = True
-    except subprocess.TimeoutExpired:
-        proc.terminate()
-        _, err = proc.communicate(timeout=120)
-        finished = False
-    seconds = time.perf_counter() - start
-    if finished and proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd[1:])} exited {proc.returncode}: {err[-1500:]}")
-    name = optuna.get_all_study_names(db)[0]
-    return optuna.load_study(study_name=name, storage=db).get_trials(), seconds, finished
+    return run_search(study, runs_dir, *data, *GPU_ARGS, *flags, timeout=timeout)
 
 
 def _trials_per_hour(trials: list[optuna.trial.FrozenTrial]) -> float:
@@ -174,8 +155,8 @@ def full_devices(args: argparse.Namespace) -> dict[str, Any]:
                                description="fixed architecture for the --trials-per-gpu benchmark",
                                search_space={"placement": ["standard"], "reduction": [16], "pooling": ["avg"]})
         for k, n in FULL_DEVICES_TRIALS.items():
-            trials, _, _ = _run_study(args, str(study), f"sqlite:///{tmp}/k{k}.db", tmp, "--trials", str(n),
-                                      "--epochs", str(FULL_DEVICES_EPOCHS), "--trials-per-gpu", str(k))
+            trials = _run_study(args, str(study), f"{tmp}/k{k}", "--trials", str(n), "--epochs",
+                                str(FULL_DEVICES_EPOCHS), "--trials-per-gpu", str(k)).trials
             rates[k] = _trials_per_hour(trials)
             accuracy[k] = {t.number: t.user_attrs["test_accuracy"] for t in trials
                            if t.state == optuna.trial.TrialState.COMPLETE}
@@ -193,12 +174,13 @@ def full_devices(args: argparse.Namespace) -> dict[str, Any]:
 
 @GPU.register("whole_study")
 def whole_study(args: argparse.Namespace) -> dict[str, Any]:
-    """Target 5: 100 trials of se_placement (TPE, median pruning) on CIFAR-10 on one GPU, wall time as a user
-    runs it, data cache already built. Stopped at ``--study-seconds``; then the count finished is recorded."""
+    """Target 5: 100 trials of se_placement (its sampler and pruner) on CIFAR-10 on one GPU, wall time as a
+    user runs it, data cache already built. Stopped at ``--study-seconds``; then the count finished is
+    recorded."""
     with tempfile.TemporaryDirectory() as tmp:
-        trials, seconds, finished = _run_study(
-            args, "se_placement", f"sqlite:///{tmp}/study.db", tmp, "--trials-per-gpu", str(args.trials_per_gpu),
-            timeout=args.study_seconds)
+        run = _run_study(args, "se_placement", tmp, "--trials-per-gpu", str(args.trials_per_gpu),
+                         timeout=args.study_seconds)
+        trials, seconds, finished = run.trials, run.seconds, run.finished
     states = [t.state.name for t in trials]
     done = states.count("COMPLETE") + states.count("PRUNED")
     best = max((t.user_attrs.get("test_accuracy", 0.0) for t in trials), default=0.0)

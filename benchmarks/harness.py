@@ -4,9 +4,13 @@ against the hand-written loop (``benchmarks.baseline``) on the same network, dat
 from __future__ import annotations
 
 import argparse
+import os
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -113,3 +117,40 @@ def default_params(cfg: Any) -> dict[str, Any]:
     return {f"stage{i}.{key}": value for i in (1, 2, 3) for key, value in
             (("placement", "standard"), ("reduction", cfg.search_space.reduction[0]),
              ("pooling", cfg.search_space.pooling[0]))}
+
+
+@dataclass
+class SearchRun:
+    """What one ``search.run`` command left: its study, its wall time, and whether it ended by itself (False:
+    stopped at the time limit)."""
+
+    study: optuna.Study
+    seconds: float
+    finished: bool
+
+    @property
+    def trials(self) -> list[optuna.trial.FrozenTrial]:
+        return self.study.get_trials()
+
+
+def run_search(study: str, runs_dir: str, *flags: str, timeout: float | None = None) -> SearchRun:
+    """``python -m search.run --study STUDY FLAGS`` as a user runs it, with its default storage (SQLite in
+    ``runs_dir``, which should hold no other study). Past ``timeout`` it is stopped with SIGTERM, as a
+    scheduler would; a command that fails by itself raises with the end of its stderr."""
+    cmd = [sys.executable, "-m", "search.run", "--study", study, "--runs-dir", runs_dir, *flags]
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "SE_SEARCH_STORAGE": ""})
+    try:
+        _, err = proc.communicate(timeout=timeout)
+        finished = True
+    except subprocess.TimeoutExpired:
+        proc.terminate()
+        _, err = proc.communicate(timeout=120)
+        finished = False
+    seconds = time.perf_counter() - start
+    if finished and proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd[1:])} exited {proc.returncode}: {err[-1500:]}")
+    db = f"sqlite:///{runs_dir}/studies.db"
+    name = optuna.get_all_study_names(db)[0]
+    return SearchRun(optuna.load_study(study_name=name, storage=db), seconds, finished)

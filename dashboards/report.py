@@ -53,7 +53,7 @@ def _num(digits: int) -> Format:
 
 
 def _text(v: Any) -> str:
-    return "–" if v is None or (isinstance(v, float) and pd.isna(v)) else str(v)
+    return "–" if pd.isna(v) else str(v)
 
 
 def _table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str, Format]]) -> str:

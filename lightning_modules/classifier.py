@@ -148,7 +148,10 @@ class SEClassifier(pl.LightningModule):
         loss = F.cross_entropy(self(x), y, label_smoothing=self.recipe.label_smoothing)
         # Accumulated on the device and logged once per epoch: ``self.log`` on every step costs Lightning's
         # logging machinery per step, measurable on short trials.
-        self.train_loss.update(loss.detach(), weight=x.shape[0])
+        # No per-batch weight: training batches are all the same size (drop-last), and an int weight would be
+        # copied to the device, blocking, on every step (MeanMetric with nan_strategy="disable" ignores it
+        # anyway).
+        self.train_loss.update(loss.detach())
         return loss
 
     def on_train_epoch_end(self) -> None:

@@ -90,9 +90,11 @@ def plan_slots(gpus: str | None, trials_per_gpu: int, workers: int | None, *, gp
         if procs_per_trial != 1:
             raise UsageError("--procs-per-trial is for CPU-only runs; with GPUs use --gpus-per-trial")
         groups = group_gpus(parse_gpus(gpus, available), gpus_per_trial)
-        # GPU workers share the host's cores too: with every worker at torch's default of all cores, K
-        # workers' spinning OpenMP threads fight over the cores their Python launch threads need.
-        threads = max(1, (os.cpu_count() or 1) // (len(groups) * trials_per_gpu))
+        # GPU workers share the host's cores too: with every process at torch's default of all cores, their
+        # spinning OpenMP threads fight over the cores the Python launch threads need. Each worker runs one
+        # process per GPU of its group (DDP ranks), so the cores are split over all of them.
+        processes = len(groups) * trials_per_gpu * gpus_per_trial
+        threads = max(1, (os.cpu_count() or 1) // processes)
         return [Slot(",".join(map(str, g)), "gpu", len(g), threads) for g in groups for _ in range(trials_per_gpu)]
     if gpus_per_trial != 1:
         raise UsageError("--gpus-per-trial: no CUDA GPU is visible on this machine; for DDP over CPU processes "

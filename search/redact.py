@@ -8,6 +8,7 @@ before anything reaches the terminal or a worker log, and trial failure reasons 
 
 from __future__ import annotations
 
+import logging
 import re
 import sys
 from collections.abc import Iterable
@@ -68,9 +69,19 @@ class RedactingStream:
 
 
 def install(url: str | None) -> None:
-    """Register ``url``'s password and wrap ``sys.stdout``/``sys.stderr`` (once) so it is never printed."""
+    """Register ``url``'s password and wrap ``sys.stdout``/``sys.stderr`` (once) so it is never printed.
+
+    Logging handlers made at import time (Optuna's, Lightning's) hold the original streams, not
+    ``sys.stderr``: they are pointed at the wrapped ones too."""
     _secrets.update(url_secrets(url))
     for name in ("stdout", "stderr"):
         stream = getattr(sys, name)
-        if not isinstance(stream, RedactingStream):
-            setattr(sys, name, RedactingStream(stream))
+        if isinstance(stream, RedactingStream):
+            continue
+        wrapped = RedactingStream(stream)
+        setattr(sys, name, wrapped)
+        loggers = [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]
+        for logger in loggers:
+            for handler in getattr(logger, "handlers", ()):
+                if isinstance(handler, logging.StreamHandler) and handler.stream is stream:
+                    handler.setStream(wrapped)

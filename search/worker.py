@@ -46,7 +46,7 @@ from search.data import prepare_datamodule
 from search.errors import UsageError
 from search.objective import Devices, TrialRunner
 from search.pruning import make_pruner
-from search.storage import masked, open_storage
+from search.storage import masked, open_storage, set_user_attrs
 from search.study_config import load_study
 from search.study_store import make_sampler_for
 
@@ -182,10 +182,9 @@ def _tell(study: optuna.Study, trial: optuna.Trial, **kwargs: Any) -> bool:
 
 def _fail(study: optuna.Study, trial: optuna.Trial, reason: str, tb: str | None = None) -> None:
     reason = redact.redact(reason)
+    attrs = {FAIL_REASON_ATTR: reason[:2000]} | ({"traceback": redact.redact(tb)[-4000:]} if tb else {})
     with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
-        trial.set_user_attr(FAIL_REASON_ATTR, reason[:2000])
-        if tb:
-            trial.set_user_attr("traceback", redact.redact(tb)[-4000:])
+        set_user_attrs(trial, attrs)
     if _tell(study, trial, state=TrialState.FAIL):
         _log(f"trial {trial.number} failed: {reason}")
 

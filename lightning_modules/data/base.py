@@ -193,14 +193,7 @@ class ArrayDataModule(pl.LightningDataModule):
     def loader(self, split: str, *, device: torch.device, train: bool = False, seed: int = 0) -> DeviceBatchLoader:
         """A loader of ``split`` on ``device`` without a Trainer (hand-written loops, benchmarks); ``train``
         shuffles and augments exactly as ``train_dataloader`` does for a run seeded with ``seed``."""
-        d = self._prepared()
-        images, labels = self._on_device(device)[d.pool_of[split]]
-        return DeviceBatchLoader(
-            images, labels, indices=torch.from_numpy(d.indices[split]),
-            batch_size=self.cfg.batch_size if train else self.eval_batch_size,
-            mean=d.mean, std=d.std, shuffle=train, augment=train and self.cfg.augment,
-            padding=default_padding(self.image_size), flip=self.hflip, seed=seed,
-        )
+        return self._loader(split, shuffle=train, augment=train and self.cfg.augment, seed=seed, device=device)
 
     # -- facts ----------------------------------------------------------------------------------------
     def _prepared(self) -> _Prepared:
@@ -344,10 +337,11 @@ class ArrayDataModule(pl.LightningDataModule):
 
     def _loader(
         self, split: str, *, shuffle: bool = False, augment: bool = False, world: int = 1, rank: int = 0,
-        seed: int = 0,
+        seed: int = 0, device: torch.device | None = None,
     ) -> DeviceBatchLoader:
+        """``device``: where the batches live (default: the Trainer's device)."""
         d = self._prepared()
-        images, labels = self._on_device(self._device())[d.pool_of[split]]
+        images, labels = self._on_device(device or self._device())[d.pool_of[split]]
         indices = torch.from_numpy(d.indices[split])
         if shuffle and len(indices) < self.cfg.batch_size * world:
             raise DataError(

@@ -68,3 +68,5 @@ def test_plan_slots_gpu_workers_split_the_host_cores(monkeypatch: pytest.MonkeyP
     assert [s.cuda_visible_devices for s in slots] == ["0"] * 4 + ["1"] * 4
     assert {s.threads for s in slots} == {2}
     assert plan_slots("1", 1, None) == [Slot("1", "gpu", 1, 16)]
+    # two workers, each a DDP trial over both GPUs: four processes share the 16 cores
+    assert plan_slots("all", 2, None, gpus_per_trial=2) == [Slot("0,1", "gpu", 2, 4)] * 2

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import ast
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import optuna
@@ -30,6 +32,22 @@ def test_redact_masks_url_credentials_and_known_secrets() -> None:
     assert redact.redact("mysql+pymysql://root:ab@h/db ab", redact.url_secrets("mysql+pymysql://root:ab@h/db")) \
         == "mysql+pymysql://root:***@h/db ab"
     assert SECRET not in masked(url) and SECRET not in masked(f"not-a-url://u:{SECRET}@h:notaport/x")
+
+
+def test_install_redacts_library_log_handlers_made_before_it() -> None:
+    """Optuna and Lightning create their stderr handlers at import, holding the original stream; after
+    ``install`` what they log is redacted too (checked in a fresh process: install changes sys.stderr)."""
+    code = (
+        "import optuna, logging, pytorch_lightning\n"
+        "from search import redact\n"
+        "url = 'postgresql+psycopg://se:hunter2secret@db/x'\n"
+        "redact.install(url)\n"
+        "optuna.logging.get_logger('optuna').warning('storage ' + url)\n"
+        "logging.getLogger('pytorch_lightning').warning('storage ' + url)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
+    assert out.stderr.count("se:***@db") == 2, out.stderr
+    assert "hunter2secret" not in out.stderr + out.stdout
 
 
 def test_run_one_failure_reason_never_stores_password(tmp_path: Path) -> None:

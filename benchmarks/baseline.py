@@ -17,19 +17,19 @@ import torch
 import torch.nn.functional as F
 
 from lightning_modules import ArchConfig, build_network
-from lightning_modules.classifier import OPTIMIZERS, SCHEDULES, TrainingRecipe
+from lightning_modules.classifier import OPTIMIZERS, SCHEDULES, TrainingRecipe, eval_logits
 
 __all__ = ["hand_written_fit"]
 
 
-def _accuracy(net: torch.nn.Module, loader: Any, channels_last: bool, autocast: Any) -> float:
+def _accuracy(net: torch.nn.Module, loader: Any, channels_last: bool, autocast: Any, tta: str) -> float:
     net.eval()
     correct = total = 0
     with torch.no_grad(), autocast():
         for x, y in loader:
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            correct += (net(x).argmax(1) == y).sum()
+            correct += (eval_logits(net, x, tta).argmax(1) == y).sum()
             total += len(y)
     net.train()
     return float(correct) / total
@@ -78,10 +78,10 @@ def hand_written_fit(arch: ArchConfig, recipe: TrainingRecipe, dm: Any, device: 
             scheduler.step()
         eval_start = sync()
         epoch_seconds.append(eval_start - epoch_start)
-        curve.append(_accuracy(net, val, cuda, autocast))
+        curve.append(_accuracy(net, val, cuda, autocast, recipe.tta))
         eval_seconds += time.perf_counter() - eval_start  # _accuracy ends in a host read: synced
     test_start = time.perf_counter()
-    test_acc = _accuracy(net, test, cuda, autocast)
+    test_acc = _accuracy(net, test, cuda, autocast, recipe.tta)
     end = sync()
     return {"seconds": end - start, "val_accuracy": curve[-1], "test_accuracy": test_acc, "val_curve": curve,
             "build_seconds": build_seconds, "epoch_seconds": epoch_seconds,

@@ -25,7 +25,8 @@ from typing import Any
 
 import optuna
 
-from search.storage import masked, open_storage, set_user_attrs
+from search.storage import masked, open_storage
+from search.trial_writes import batched_writes, set_user_attrs
 
 __all__ = ["DEFAULT_URLS", "measure", "storage_trial", "summarize"]
 
@@ -35,6 +36,7 @@ DEFAULT_URLS = {
 }
 STAGES = 3
 EPOCHS = 5
+PROMOTION_STEPS = (1, 3)  # se_placement's successive halving (min_resource 1, reduction_factor 3)
 # 4 GPUs running 4 trials each, each trial 10 s (se_placement's target), finish 1.6 trials/s.
 TARGET_TRIALS_PER_S = 2.0
 COUNTED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.RUNNING)
@@ -43,22 +45,24 @@ COUNTED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, opt
 def storage_trial(study: optuna.Study, epochs: int = EPOCHS) -> int:
     """One trial's storage traffic as a worker makes it, without the training. Returns the trial number."""
     optuna.storages.fail_stale_trials(study)
-    study.get_trials(deepcopy=False, states=COUNTED)  # the budget check
+    study.get_trials(deepcopy=False)  # the budget check (search.worker.Budget)
     trial = study.ask()
-    for i in range(1, STAGES + 1):
-        if trial.suggest_categorical(f"stage{i}.placement", ["none", "standard", "pre", "post", "identity"]) != "none":
-            trial.suggest_categorical(f"stage{i}.reduction", [4, 8, 16])
-            trial.suggest_categorical(f"stage{i}.pooling", ["avg", "max"])
-    trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
-    set_user_attrs(trial, {"macs": 161236, "flops": 322472, "params": 17440, "seed": trial.number,
-                           "placements": ["standard"] * STAGES, "reductions": [16] * STAGES,
-                           "poolings": ["avg"] * STAGES})
+    with batched_writes(trial):  # as TrialRunner: the suggestions and the first attributes in one transaction
+        for i in range(1, STAGES + 1):
+            if trial.suggest_categorical(f"stage{i}.placement", ["none", "standard", "pre", "post", "identity"]) \
+                    != "none":
+                trial.suggest_categorical(f"stage{i}.reduction", [4, 8, 16])
+                trial.suggest_categorical(f"stage{i}.pooling", ["avg", "max"])
+        set_user_attrs(trial, {"worker": f"{socket.gethostname()}:{os.getpid()}", "macs": 161236, "flops": 322472,
+                               "params": 17440, "seed": trial.number, "placements": ["standard"] * STAGES,
+                               "reductions": [16] * STAGES, "poolings": ["avg"] * STAGES})
     curve: list[float] = []
     for epoch in range(epochs):
         curve.append(0.5 + epoch / 100)
         if epoch == 0:  # later epochs are written only every CURVE_WRITE_INTERVAL_S: never in a fast trial
             trial.set_user_attr("val_accuracy_curve", curve)
-        study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+        if epoch in PROMOTION_STEPS:  # successive halving reads the finished trials at its rungs only
+            study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
         study._storage.record_heartbeat(trial._trial_id)
     set_user_attrs(trial, {"epochs_run": epochs, "train_seconds": 0.0, "val_accuracy_curve": curve,
                            "val_accuracy": curve[-1], "test_accuracy": curve[-1]})

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import os
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -16,10 +17,10 @@ import optuna
 import torch
 
 from benchmarks.harness import CPU, digits_study_file, overhead, run_search, study_variant
-from search import objective
+from search import trial_writes, worker
 from search.data import prepare_datamodule
-from search.objective import Devices, TrialRunner
 from search.pareto import hypervolume
+from search.storage import open_storage
 from search.study_config import find_study_file, load_study
 from search.study_store import create_or_load_study
 
@@ -44,23 +45,26 @@ def quick_study_cpu(args: argparse.Namespace) -> dict[str, Any]:
 
 
 class _TimedStorage:
-    """Adds up the seconds spent in every public method of the storage a study talks to (Optuna's
-    ``_CachedStorage``: ask, parameter writes, trial reads and writes all pass through it; the RDBStorage
-    behind it is reached through private methods a wrapper there would miss), and in the platform's own
-    batched attribute writer (``search.storage.set_user_attrs``, which goes to the RDBStorage directly).
-    Nested timed calls count once, at the outermost."""
+    """Adds up the seconds the worker's main thread spends in the storage its study talks to: every public
+    method of Optuna's ``_CachedStorage`` (ask, parameter writes, trial reads and writes pass through it;
+    the RDBStorage behind it is reached through private methods a wrapper there would miss), its stale-trial
+    query, and the platform's batched trial writes (``search.trial_writes``, which go to the RDBStorage
+    directly). Nested timed calls count once, at the outermost; the heartbeat thread's writes run beside
+    the training and are not counted."""
 
     def __init__(self, storage: Any) -> None:
         self.seconds = 0.0
         self._depth = 0
+        self._main = threading.main_thread().ident
         for name in dir(storage):
             attr = getattr(storage, name)
-            if name.startswith("_") or not callable(attr):
-                continue
-            setattr(storage, name, self._timed(attr))
+            if callable(attr) and (not name.startswith("_") or name == "_get_stale_trial_ids"):
+                setattr(storage, name, self.timed(attr))
 
-    def _timed(self, fn: Callable) -> Callable:
+    def timed(self, fn: Callable) -> Callable:
         def wrapper(*a: Any, **k: Any) -> Any:
+            if threading.get_ident() != self._main:
+                return fn(*a, **k)
             self._depth += 1
             start = time.perf_counter()
             try:
@@ -73,40 +77,51 @@ class _TimedStorage:
         return wrapper
 
 
-def _storage_shares(cfg: Any, trials: int = 4) -> dict[str, float]:
-    """Share of ``trials`` trials' wall time spent in storage calls, on SQLite and on PostgreSQL."""
+def _storage_shares(study: str, overrides: dict[str, Any], trials: int = 6) -> dict[str, float]:
+    """Share of a worker's wall time spent in storage calls while it runs ``trials`` trials, on SQLite and on
+    PostgreSQL. The data is prepared beforehand, as a worker of a running study has it cached."""
     urls = {"sqlite": None, "postgresql": os.environ.get("SE_SEARCH_TEST_POSTGRES",
                                                           "postgresql+psycopg://postgres@127.0.0.1:5432/test")}
-    dm = prepare_datamodule(cfg)
-    shares = {}
+    dm = prepare_datamodule(load_study(study, **overrides))
     with tempfile.TemporaryDirectory() as tmp:
-        for name, url in urls.items():
-            storage = optuna.storages.RDBStorage(url or f"sqlite:///{tmp}/share.db", heartbeat_interval=60)
-            study = create_or_load_study(storage, f"share-{time.time_ns()}", cfg, 3)
-            timer = _TimedStorage(study._storage)
-            runner = TrialRunner(cfg, dm, Devices("cpu", 1))
-            timer.seconds = 0.0
-            start = time.perf_counter()
-            with mock.patch.object(objective, "set_user_attrs", timer._timed(objective.set_user_attrs)):
-                for _ in range(trials):
-                    trial = study.ask()
-                    try:
-                        study.tell(trial, runner(trial))
-                    except optuna.TrialPruned:
-                        study.tell(trial, state=optuna.trial.TrialState.PRUNED)
-            shares[name] = timer.seconds / (time.perf_counter() - start)
-    return shares
+        return {name: _worker_storage_share(url or f"sqlite:///{tmp}/share.db", study, overrides, dm, trials)
+                for name, url in urls.items()}
+
+
+def _worker_storage_share(url: str, study: str, overrides: dict[str, Any], dm: Any, trials: int) -> float:
+    """One worker's real loop (``search.worker.run_worker``: budget reads, stale-trial checks, ask, the trial,
+    tell) on a new study in ``url``, with its storage timed."""
+    study_name = f"share-{time.time_ns()}"
+    create_or_load_study(open_storage(url), study_name, load_study(study, **overrides), 3)
+    timers: list[_TimedStorage] = []
+    write, load = trial_writes._write, optuna.load_study
+
+    def load_timed(**kwargs: Any) -> optuna.Study:
+        loaded = load(**kwargs)
+        timers.append(_TimedStorage(loaded._storage))
+        return loaded
+
+    def write_timed(*a: Any, **k: Any) -> None:
+        return timers[0].timed(write)(*a, **k)
+
+    spec = worker.WorkerSpec(study=study, study_name=study_name, storage=url, trials=trials, overrides=overrides)
+    with mock.patch.object(worker.optuna, "load_study", load_timed), \
+            mock.patch.object(worker, "prepare_datamodule", lambda _: dm), \
+            mock.patch.object(trial_writes, "_write", write_timed):
+        start = time.perf_counter()
+        worker.run_worker(spec)
+        return timers[0].seconds / (time.perf_counter() - start)
 
 
 @CPU.register("storage_share")
 def storage_share(args: argparse.Namespace) -> dict[str, Any]:
-    """Target 6: the share of a trial's time spent in storage calls, on SQLite and PostgreSQL, for the
+    """Target 6: the share of a worker's time spent in storage calls, on SQLite and PostgreSQL, for the
     README's quick digits study (the target's setting), and as a stress case for 3-epoch ResNet-20 trials
     of about a second, where the fixed per-trial storage work weighs most."""
-    quick = _storage_shares(load_study("se_placement", dataset="digits", epochs=2))
+    quick = _storage_shares("se_placement", {"dataset": "digits", "epochs": 2})
     with tempfile.TemporaryDirectory() as tmp:
         path = digits_study_file(Path(tmp), "share", size=16, epochs=3, width=1.0, pruner="median", trials=4)
-        short = _storage_shares(load_study(str(path)))
+        short = _storage_shares(str(path), {})
     worst = max(quick.values())
     return {"summary": "quick-study trials: " + ", ".join(f"{k} {v:.2%}" for k, v in quick.items())
                        + "; 1 s stress trials: " + ", ".join(f"{k} {v:.2%}" for k, v in short.items()),

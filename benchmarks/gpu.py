@@ -98,7 +98,8 @@ def trial_profile(args: argparse.Namespace) -> dict[str, Any]:
 RECIPE_VARIANTS: list[dict[str, Any]] = [{}, {"lr": 0.4}, {"label_smoothing": 0.2}, {"epochs": 12},
                                          {"batch_size": 1024, "lr": 0.4},
                                          {"batch_size": 1024, "lr": 0.4, "label_smoothing": 0.2},
-                                         {"width": 0.5}, {"width": 0.5, "epochs": 16}]
+                                         {"width": 0.5}, {"width": 0.5, "epochs": 16},
+                                         {"tta": "flip"}, {"tta": "flip", "label_smoothing": 0.2}]
 
 
 @GPU.register("recipe_sweep")

@@ -26,15 +26,13 @@ from optuna.artifacts import FileSystemArtifactStore
 
 from dashboards.artifacts import artifact_store, default_artifact_dir, upload_missing_artifacts
 from dashboards.plots import publish_plots
-from search.errors import UsageError, UsageParser, cli_main
+from search.errors import UsageError, UsageParser, at_least, cli_main
 from search.export import open_existing_storage
 from search.storage import masked, resolve_storage_url
 
 __all__ = ["build_parser", "main", "refresh_studies"]
 
 ENGINE_STUDY_ATTR = "definition_hash"  # set on every study search.run creates
-
-
 
 
 class _ThreadedServer(ThreadingMixIn, WSGIServer):
@@ -53,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8080, help="port (default 8080)")
     p.add_argument("--artifact-dir", help="artifact store directory (default: RUNS/artifacts)")
-    p.add_argument("--refresh", type=float, default=60.0,
+    p.add_argument("--refresh", type=at_least(0, float), default=60.0,
                    help="seconds between refreshes of plots and artifacts; 0 refreshes only at start (default 60)")
     return p
 
@@ -63,19 +61,26 @@ def _log(message: str) -> None:
 
 
 def refresh_studies(storage: optuna.storages.BaseStorage, store: FileSystemArtifactStore | None,
-                    stop: threading.Event | None = None) -> None:
-    """Publish plots (and, with ``store``, missing trial artifacts) for every study the engine made.
+                    stop: threading.Event | None = None, *, plots: bool = True,
+                    loaded: dict[str, optuna.Study] | None = None) -> None:
+    """Publish plots (unless ``plots`` is False) and, with ``store``, missing trial artifacts for every study
+    the engine made. ``loaded``: the studies of earlier refreshes, reused and filled in here; Optuna's cache
+    in each keeps its finished trials, so a refresh reads only the trials that changed.
 
     A study that cannot be refreshed is reported in one line and skipped: the dashboard keeps serving.
     """
+    loaded = {} if loaded is None else loaded
     for summary in optuna.get_all_study_summaries(storage, include_best_trial=False):
         if stop is not None and stop.is_set():
             return
         if ENGINE_STUDY_ATTR not in summary.user_attrs:
             continue
         try:
-            study = optuna.load_study(study_name=summary.study_name, storage=storage)
-            written = publish_plots(study)
+            study = loaded.get(summary.study_name)
+            if study is None or study._study_id != summary._study_id:  # new, or deleted and made again
+                study = loaded[summary.study_name] = optuna.load_study(study_name=summary.study_name,
+                                                                       storage=storage)
+            written = publish_plots(study) if plots else []
             uploaded = 0 if store is None else upload_missing_artifacts(study, store, stop.is_set if stop else None)
         except Exception as e:  # any failure of one study must not stop the others or the server
             _log(f"refresh of study {summary.study_name!r} failed: {type(e).__name__}: {e}")
@@ -85,10 +90,10 @@ def refresh_studies(storage: optuna.storages.BaseStorage, store: FileSystemArtif
 
 
 def _refresh_loop(storage: optuna.storages.BaseStorage, store: FileSystemArtifactStore, interval: float,
-                  stop: threading.Event) -> None:
-    refresh_studies(storage, store, stop)  # the first pass attaches artifacts; plots were published already
+                  stop: threading.Event, loaded: dict[str, optuna.Study]) -> None:
+    refresh_studies(storage, store, stop, plots=False, loaded=loaded)  # plots were published before serving
     while interval > 0 and not stop.wait(interval):
-        refresh_studies(storage, store, stop)
+        refresh_studies(storage, store, stop, loaded=loaded)
 
 
 def _not_ready(environ: dict, start_response: Callable) -> list[bytes]:  # replaced before serving starts
@@ -103,8 +108,6 @@ def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
 def serve(args: argparse.Namespace) -> int:
     if not 0 < args.port < 65536:
         raise UsageError(f"--port: must be 1-65535, got {args.port}")
-    if args.refresh < 0:
-        raise UsageError(f"--refresh: must be >= 0, got {args.refresh}")
     url = resolve_storage_url(args.storage, args.runs_dir)
     storage = open_existing_storage(url)
     try:  # bind first: a busy port is refused before anything is created on disk
@@ -115,9 +118,10 @@ def serve(args: argparse.Namespace) -> int:
     artifact_dir = Path(args.artifact_dir) if args.artifact_dir else default_artifact_dir(args.runs_dir)
     store = artifact_store(artifact_dir)
     httpd.set_app(optuna_dashboard.wsgi(storage, artifact_store=store))
-    refresh_studies(storage, None)  # plots before the first page is served
+    loaded: dict[str, optuna.Study] = {}
+    refresh_studies(storage, None, loaded=loaded)  # plots before the first page is served
     stop = threading.Event()
-    refresher = threading.Thread(target=_refresh_loop, args=(storage, store, args.refresh, stop),
+    refresher = threading.Thread(target=_refresh_loop, args=(storage, store, args.refresh, stop, loaded),
                                  name="refresh-plots", daemon=True)
     refresher.start()
     signal.signal(signal.SIGINT, signal.default_int_handler)  # even when started with SIGINT ignored (nohup, &)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,7 +20,7 @@ import torchmetrics
 from torch import nn
 
 from lightning_modules.backbones import build_network
-from lightning_modules.config import ArchConfig, ConfigError
+from lightning_modules.config import ADDED_LATER, ArchConfig, ConfigError
 from lightning_modules.registry import Registry
 
 __all__ = [
@@ -56,6 +57,9 @@ class TrainingRecipe:
     label_smoothing: float = 0.0
     schedule: str = "onecycle"
     warmup_fraction: float = 0.2
+    # Test-time augmentation for validation and test: "flip" adds the logits of the mirrored images (as
+    # airbench does; about +0.5 point on CIFAR for one more forward pass over the evaluation splits).
+    tta: str = dataclasses.field(default="none", metadata=ADDED_LATER)
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size"):
@@ -64,6 +68,8 @@ class TrainingRecipe:
                 raise ConfigError(f"{name}: must be an integer >= 1, got {v!r}")
         if self.optimizer not in OPTIMIZERS:
             raise ConfigError(f"optimizer: unknown value {self.optimizer!r}; allowed: {', '.join(OPTIMIZERS)}")
+        if self.tta not in TTA_MODES:
+            raise ConfigError(f"tta: unknown value {self.tta!r}; allowed: {', '.join(TTA_MODES)}")
         if self.schedule not in SCHEDULES:
             raise ConfigError(f"schedule: unknown value {self.schedule!r}; allowed: {', '.join(SCHEDULES)}")
         checks = {
@@ -79,6 +85,16 @@ class TrainingRecipe:
 
     def replace(self, **changes: Any) -> TrainingRecipe:
         return dataclasses.replace(self, **changes)
+
+
+TTA_MODES = ("none", "flip")
+
+
+def eval_logits(net: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, tta: str) -> torch.Tensor:
+    """Logits for evaluation: ``net(x)``, plus those of the horizontally mirrored batch with ``tta="flip"``
+    (a sum: accuracy only takes the argmax)."""
+    logits = net(x)
+    return logits + net(x.flip(-1)) if tta == "flip" else logits
 
 
 def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -163,12 +179,12 @@ class SEClassifier(pl.LightningModule):
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         x, y = batch
-        self.val_accuracy.update(self(x), y)
+        self.val_accuracy.update(eval_logits(self, x, self.recipe.tta), y)
         self.log(VAL_ACCURACY, self.val_accuracy, on_step=False, on_epoch=True, batch_size=x.shape[0])
 
     def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         x, y = batch
-        self.test_accuracy.update(self(x), y)
+        self.test_accuracy.update(eval_logits(self, x, self.recipe.tta), y)
         self.log(TEST_ACCURACY, self.test_accuracy, on_step=False, on_epoch=True, batch_size=x.shape[0])
 
     def configure_optimizers(self) -> Any:

@@ -22,6 +22,12 @@ STEMS: tuple[str, ...] = ("cifar", "imagenet")
 TRANSITIONS: tuple[str, ...] = ("unit", "conv_pool")
 
 
+# Metadata of a config field added after studies were stored: while it holds its default it is left out of a
+# study's identity (``search.study_config.StudyConfig.identity``), so a study stored before the field existed
+# keeps its definition hash and resumes; any other value is part of the identity like every field.
+ADDED_LATER = {"identity": "omitted at default"}
+
+
 class ConfigError(ValueError):
     """An invalid configuration value; the message names the field and the allowed values."""
 

@@ -33,6 +33,8 @@ import torch
 from lightning_fabric.plugins.environments import ClusterEnvironment
 from pytorch_lightning.strategies import DDPStrategy
 
+from search.devices import pin_threads
+
 __all__ = ["DDP_TIMEOUT", "RankEnvironment", "RankGroup", "RankGroupError", "ddp_strategy", "destroy_process_group"]
 
 # A collective that waits longer than this means a rank is gone; the default of 30 minutes would hold a
@@ -125,7 +127,7 @@ def _helper_main(rank: int, world_size: int, accelerator: str, make_datamodule: 
     _die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is rank 0's to handle; it then ends this process
     if threads:
-        torch.set_num_threads(threads)
+        pin_threads(threads)
     try:
         datamodule = make_datamodule()
     except BaseException as e:
@@ -231,7 +233,3 @@ class RankGroup:
                 proc.join(5)
             conn.close()
         self._procs = []
-
-    @property
-    def pids(self) -> list[int]:
-        return [p.pid for p, _ in self._procs if p.pid is not None]

@@ -16,9 +16,9 @@ from dataclasses import dataclass
 
 import torch
 
-from search.errors import UsageError
+from search.errors import UsageError, check_at_least
 
-__all__ = ["Slot", "group_gpus", "parse_gpus", "plan_slots"]
+__all__ = ["Slot", "group_gpus", "parse_gpus", "pin_threads", "plan_slots"]
 
 
 @dataclass(frozen=True)
@@ -32,13 +32,20 @@ class Slot:
     threads: int | None
 
     def env(self) -> dict[str, str]:
+        """The worker's environment; its thread count travels in its spec (``pin_threads`` applies it)."""
         env = dict(os.environ)
         if self.cuda_visible_devices is not None:
             env["CUDA_VISIBLE_DEVICES"] = self.cuda_visible_devices
-        if self.threads:
-            # Lightning sets torch's thread count from OMP_NUM_THREADS (or all cores) in DDP processes.
-            env["OMP_NUM_THREADS"] = str(self.threads)
         return env
+
+
+def pin_threads(threads: int) -> None:
+    """Use ``threads`` torch threads in this process and in every process it starts: the one place a
+    worker's (or a DDP rank's) thread count is set. The environment variable matters as much as the call:
+    Lightning's DDP set-up resets torch to all cores over the local ranks when ``OMP_NUM_THREADS`` is unset,
+    and spawned ranks read it when they import torch."""
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    torch.set_num_threads(threads)
 
 
 def parse_gpus(gpus: str, available: int) -> list[int]:
@@ -72,8 +79,7 @@ def group_gpus(indices: list[int], per_trial: int) -> list[list[int]]:
 
 def _check_at_least_one(**values: int | None) -> None:
     for name, value in values.items():
-        if value is not None and value < 1:
-            raise UsageError(f"--{name.replace('_', '-')}: must be >= 1, got {value}")
+        check_at_least(name, value, 1)
 
 
 def plan_slots(gpus: str | None, trials_per_gpu: int, workers: int | None, *, gpus_per_trial: int = 1,

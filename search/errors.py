@@ -7,9 +7,9 @@ import argparse
 import sys
 import warnings
 from collections.abc import Callable, Sequence
-from typing import NoReturn
+from typing import Any, NoReturn
 
-__all__ = ["UsageError", "UsageParser", "cli_main"]
+__all__ = ["UsageError", "UsageParser", "at_least", "check_at_least", "cli_main"]
 
 
 class UsageError(Exception):
@@ -21,6 +21,29 @@ class UsageParser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         raise UsageError(message)
+
+
+def check_at_least(flag: str, value: float | None, minimum: float) -> None:
+    """The one rule for counts and durations: ``--flag: must be >= minimum, got value``."""
+    if value is not None and value < minimum:
+        raise UsageError(f"--{flag.replace('_', '-')}: must be >= {minimum}, got {value}")
+
+
+def at_least(minimum: float, kind: type = int) -> Callable[[str], Any]:
+    """An argparse ``type`` for a number flag with a lower bound; argparse names the flag in the message
+    (``argument --trials: must be >= 1, got 0``), which ``UsageParser`` turns into a ``UsageError``."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected {'an integer' if kind is int else 'a number'}, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+
+    return parse
 
 
 def cli_main(run: Callable[[argparse.Namespace], int], parser: argparse.ArgumentParser,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,30 +26,31 @@ from search.ddp import RankGroup, destroy_process_group
 from search.pruning import CURVE_ATTR, MultiObjectivePruner, PruningCallback
 from search.samplers import CONSTRAINTS_ATTR
 from search.space import TrialDesign, suggest
-from search.storage import set_user_attrs
 from search.study_config import StudyConfig
+from search.trial_writes import batched_writes, set_user_attrs
 
-__all__ = ["Devices", "TrialRunner", "train_and_test", "trial_seed"]
+__all__ = ["PRUNED_REASON_ATTR", "Devices", "TrialRunner", "train_and_test", "trial_seed"]
+
+PRUNED_REASON_ATTR = "pruned_reason"
 
 
 @dataclass(frozen=True)
 class Devices:
-    """Where a worker trains: Lightning accelerator, device count and strategy.
-
-    ``devices`` > 1 with the "auto" strategy trains each trial with DDP over that many processes (one per
-    GPU, or CPU processes on gloo), this process being rank 0 (``search.ddp``).
-    """
+    """Where a worker trains: Lightning accelerator and device count. ``devices`` > 1 trains each trial with
+    DDP over that many processes (one per GPU, or CPU processes on gloo), this process being rank 0
+    (``search.ddp``)."""
 
     accelerator: str = "cpu"
     devices: int = 1
-    strategy: Any = "auto"
 
 
 def trial_seed(study_seed: int, trial: optuna.trial.BaseTrial | optuna.trial.FrozenTrial) -> int:
     """Seed of a trial: the study seed plus the trial number, or the original trial's number for a retry of a
     trial whose worker died, so the retry trains exactly what the original would have."""
     if isinstance(trial, optuna.Trial):
-        system_attrs = trial.study._storage.get_trial_system_attrs(trial._trial_id)
+        # The retry's "failed_trial" is set when the retry is created, so the copy the trial read when it
+        # started (Optuna's ``Trial._cached_frozen_trial``) has it: no storage round trip per trial.
+        system_attrs = trial._cached_frozen_trial.system_attrs
     else:
         system_attrs = getattr(trial, "system_attrs", {})
     number = system_attrs.get("failed_trial", trial.number)
@@ -56,12 +58,12 @@ def trial_seed(study_seed: int, trial: optuna.trial.BaseTrial | optuna.trial.Fro
 
 
 def train_and_test(design: TrialDesign, seed: int, datamodule: pl.LightningDataModule, *, accelerator: str,
-                   devices: int, strategy: str | Strategy, callback: PruningCallback | None) -> dict[str, Any]:
+                   devices: int, strategy: str | Strategy, callback: PruningCallback) -> dict[str, Any]:
     """Train ``design`` and, unless the callback pruned it, test it. Every DDP rank runs exactly this."""
     pl.seed_everything(seed, workers=True, verbose=False)
     model = SEClassifier(design.arch, design.recipe)
     trainer = make_trainer(design.recipe.epochs, accelerator=accelerator, devices=devices, strategy=strategy,
-                           callbacks=[callback] if callback else [])
+                           callbacks=[callback])
     try:
         return _fit_and_test(trainer, model, datamodule, callback)
     finally:
@@ -71,18 +73,16 @@ def train_and_test(design: TrialDesign, seed: int, datamodule: pl.LightningDataM
 
 
 def _fit_and_test(trainer: pl.Trainer, model: SEClassifier, datamodule: pl.LightningDataModule,
-                  callback: PruningCallback | None) -> dict[str, Any]:
+                  callback: PruningCallback) -> dict[str, Any]:
     start = time.perf_counter()
     trainer.fit(model, datamodule=datamodule)
     train_seconds = time.perf_counter() - start
-    curve = callback.curve if callback else []
-    result: dict[str, Any] = {"epochs_run": len(curve) or trainer.current_epoch,
-                              "train_seconds": round(train_seconds, 3)}
-    if curve:  # the whole curve: the callback writes it to the trial only now and then while training
-        result[CURVE_ATTR] = list(curve)
-    if callback and callback.pruned_at_epoch:
+    # The whole curve: the callback writes it to the trial only now and then while training.
+    result: dict[str, Any] = {"epochs_run": len(callback.curve), "train_seconds": round(train_seconds, 3),
+                              CURVE_ATTR: list(callback.curve)}
+    if callback.pruned_at_epoch:
         return {**result, "pruned_at_epoch": callback.pruned_at_epoch}
-    val = float(trainer.callback_metrics["val_accuracy"]) if not curve else curve[-1]
+    val = callback.curve[-1]
     tested = trainer.test(model, datamodule=datamodule, verbose=False)
     return {**result, "val_accuracy": val, "test_accuracy": float(tested[0][TEST_ACCURACY])}
 
@@ -100,14 +100,18 @@ class TrialRunner:
     With ``devices.devices`` > 1 it keeps a ``RankGroup`` of helper processes for DDP; ``close()`` ends them.
     """
 
-    def __init__(self, cfg: StudyConfig, datamodule: pl.LightningDataModule, devices: Devices) -> None:
+    def __init__(self, cfg: StudyConfig, datamodule: pl.LightningDataModule, devices: Devices,
+                 trial_attrs: Mapping[str, Any] | None = None) -> None:
+        """``trial_attrs``: stored on every trial in its first write (the worker's identity), which saves
+        the storage a transaction per trial."""
         self.cfg, self.dm, self.devices = cfg, datamodule, devices
+        self.trial_attrs = dict(trial_attrs or {})
         self.mo_pruner = (
             MultiObjectivePruner(cfg.pruner.name, cfg.pruner.options, cfg.pruner.pareto_aware)
             if cfg.multi_objective else None
         )
         self.ranks: RankGroup | None = None
-        if devices.devices > 1 and devices.strategy == "auto":
+        if devices.devices > 1:
             self.ranks = RankGroup(
                 devices.devices, devices.accelerator,
                 functools.partial(ready_datamodule, data_config(cfg)),
@@ -125,20 +129,25 @@ class TrialRunner:
                        image_size=self.dm.image_size)
 
     def __call__(self, trial: optuna.Trial) -> float | tuple[float, ...]:
-        design = self.design(trial)
-        cost = count_cost(design.arch)
-        seed = trial_seed(self.cfg.seed, trial)
-        attrs: dict[str, Any] = {**cost.to_dict(), "seed": seed, "placements": list(design.arch.placements),
-                                 "reductions": list(design.arch.reductions), "poolings": list(design.arch.poolings)}
-        constraints = self.constraint_values(cost.to_dict())
-        if constraints:
-            attrs[CONSTRAINTS_ATTR] = constraints
-        set_user_attrs(trial, attrs)
+        with batched_writes(trial):  # the parameters and what is known before training: one transaction
+            design = self.design(trial)
+            cost = count_cost(design.arch)
+            seed = trial_seed(self.cfg.seed, trial)
+            attrs: dict[str, Any] = {**self.trial_attrs, **cost.to_dict(), "seed": seed,
+                                     "placements": list(design.arch.placements),
+                                     "reductions": list(design.arch.reductions),
+                                     "poolings": list(design.arch.poolings)}
+            constraints = self.constraint_values(cost.to_dict())
+            if constraints:
+                attrs[CONSTRAINTS_ATTR] = constraints
+            set_user_attrs(trial, attrs)
 
         result = self.fit(design, seed, trial, flops=cost.flops)
-        set_user_attrs(trial, {key: value for key, value in result.items() if key != "pruned_at_epoch"})
-        if result.get("pruned_at_epoch"):
-            raise optuna.TrialPruned(f"pruned after epoch {result['pruned_at_epoch']}")
+        pruned_at = result.pop("pruned_at_epoch", None)
+        reason = f"pruned after epoch {pruned_at}" if pruned_at else None
+        set_user_attrs(trial, result | ({PRUNED_REASON_ATTR: reason} if reason else {}))
+        if reason:
+            raise optuna.TrialPruned(reason)
         metrics = {"val_accuracy": result["val_accuracy"], **cost.to_dict()}
         values = tuple(float(metrics[o]) for o in self.cfg.objectives)
         return values if self.cfg.multi_objective else values[0]
@@ -152,12 +161,12 @@ class TrialRunner:
             flops: float | None = None) -> dict[str, Any]:
         """Train and evaluate ``design``; with a ``trial``, report and prune through it (``flops``: the
         network's, for Pareto-aware pruning)."""
-        callback = PruningCallback(trial, self.mo_pruner, flops) if trial is not None else None
+        # Without a trial (a rerun) the callback only records the curve, and takes part in the prune broadcast.
+        callback = PruningCallback(trial, self.mo_pruner if trial is not None else None, flops)
         d = self.devices
         if self.ranks is None:
             return train_and_test(design, seed, self.dm, accelerator=d.accelerator, devices=d.devices,
-                                  strategy=d.strategy, callback=callback)
-        callback = callback or PruningCallback(None, None)  # every rank takes part in the prune broadcast
+                                  strategy="auto", callback=callback)
         strategy = self.ranks.begin(design, seed)
         try:
             result = train_and_test(design, seed, self.dm, accelerator=d.accelerator, devices=d.devices,

@@ -32,7 +32,7 @@ from lightning_modules.backbones import BACKBONES
 from search import redact
 from search.data import prepare_datamodule
 from search.devices import Slot, plan_slots
-from search.errors import UsageError, UsageParser, cli_main
+from search.errors import UsageError, UsageParser, at_least, cli_main
 from search.objective import Devices, TrialRunner, trial_seed
 from search.pareto import front_table, hypervolume, pareto_front, reference_costs
 from search.storage import STORAGE_ENV, masked, open_storage, resolve_storage_url, resolve_study_name, runs_dir
@@ -51,25 +51,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--study-name", help="name of the study in the storage (default: the file's name plus overrides)")
     p.add_argument("--storage", help="SQLAlchemy URL (default: $SE_SEARCH_STORAGE or sqlite:///RUNS/studies.db)")
     p.add_argument("--runs-dir", help="directory for the default SQLite file and worker logs (default: ./runs)")
-    p.add_argument("--trials", type=int, help="total finished trials the study should hold (overrides the file)")
-    p.add_argument("--epochs", type=int, help="epochs per trial (overrides the study file)")
+    p.add_argument("--trials", type=at_least(1),
+                   help="total finished trials the study should hold (overrides the file)")
+    p.add_argument("--epochs", type=at_least(1), help="epochs per trial (overrides the study file)")
     p.add_argument("--dataset", help="dataset name (overrides the study file)")
     p.add_argument("--data-dir", help="where the dataset lives (overrides the study file and $SE_SEARCH_DATA_DIR)")
     p.add_argument("--seed", type=int, help="study seed (overrides the study file)")
     p.add_argument("--gpus", help="'all' or GPU indices like 0,1 (default: all GPUs when CUDA is present)")
-    p.add_argument("--trials-per-gpu", type=int, default=1, help="worker processes per GPU (default 1)")
-    p.add_argument("--workers", type=int, help="CPU worker processes when no GPU is used (default 1)")
-    p.add_argument("--gpus-per-trial", type=int, default=1,
+    p.add_argument("--trials-per-gpu", type=at_least(1), default=1, help="worker processes per GPU (default 1)")
+    p.add_argument("--workers", type=at_least(1), help="CPU worker processes when no GPU is used (default 1)")
+    p.add_argument("--gpus-per-trial", type=at_least(1), default=1,
                    help="train each trial with DDP over N GPUs; N must divide the GPUs used (default 1)")
-    p.add_argument("--procs-per-trial", type=int, default=1,
+    p.add_argument("--procs-per-trial", type=at_least(1), default=1,
                    help="CPU runs: train each trial with DDP over N CPU processes on gloo (default 1)")
     p.add_argument(
         "--heartbeat-interval",
-        type=int,
+        type=at_least(0),
         default=60,
         help="seconds between trial heartbeats; 0 disables crash detection (default 60)",
     )
-    p.add_argument("--grace-period", type=int, help="seconds without heartbeat before a trial is failed and retried")
+    p.add_argument("--grace-period", type=at_least(1),
+                   help="seconds without heartbeat before a trial is failed and retried")
     p.add_argument("--rerun-trial", type=int, metavar="N", help="retrain stored trial N and compare its accuracy")
     p.add_argument("--poll", type=float, default=1.0, help=argparse.SUPPRESS)
     return p
@@ -77,14 +79,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _overrides(args: argparse.Namespace) -> dict[str, object]:
     return {"dataset": args.dataset, "data_dir": args.data_dir, "epochs": args.epochs, "seed": args.seed}
-
-
-def _check_positive(args: argparse.Namespace) -> None:
-    for flag in ("trials", "epochs", "heartbeat_interval", "grace_period"):
-        value = getattr(args, flag)
-        minimum = 0 if flag == "heartbeat_interval" else 1
-        if value is not None and value < minimum:
-            raise UsageError(f"--{flag.replace('_', '-')}: must be >= {minimum}, got {value}")
 
 
 def _trial_line(t: FrozenTrial) -> str:
@@ -245,7 +239,6 @@ def _resume_line(study: optuna.Study) -> str | None:
 
 def run(args: argparse.Namespace) -> int:
     redact.install(args.storage or os.environ.get(STORAGE_ENV))
-    _check_positive(args)
     cfg = load_study(args.study, trials=args.trials, **_overrides(args))
     url = resolve_storage_url(args.storage, args.runs_dir)
     slots = plan_slots(args.gpus, args.trials_per_gpu, args.workers, gpus_per_trial=args.gpus_per_trial,

@@ -13,14 +13,10 @@ from __future__ import annotations
 import os
 import sqlite3
 import warnings
-from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 import optuna
 import sqlalchemy
-from optuna.storages._rdb import models as rdb_models
-from optuna.storages._rdb.storage import _create_scoped_session
 from sqlalchemy.engine import make_url
 
 from search.errors import UsageError
@@ -35,7 +31,6 @@ __all__ = [
     "resolve_storage_url",
     "resolve_study_name",
     "runs_dir",
-    "set_user_attrs",
 ]
 
 STORAGE_ENV = "SE_SEARCH_STORAGE"
@@ -141,24 +136,3 @@ def resolve_study_name(storage: optuna.storages.BaseStorage, name: str) -> str:
         known = ", ".join(sorted(names)) or "none"
         raise UsageError(f"--study: no study named {name!r} in the storage; studies there: {known}")
     return max(candidates, key=lambda s: s._study_id).study_name
-
-
-def set_user_attrs(trial: optuna.Trial, attrs: Mapping[str, Any]) -> None:
-    """Set all of ``attrs`` on a running ``trial``, in one transaction on SQL storages.
-
-    Optuna's ``set_user_attr`` commits one key per transaction: about 2 ms each on SQLite and a round trip
-    or more each on PostgreSQL, and a trial writes a dozen keys before it trains and four after. Optuna has
-    no batch call, so this runs Optuna's own per-key upsert (``RDBStorage._set_trial_attr_without_commit``:
-    the same dialect-specific SQL and finished-trial check) for every key inside one of its scoped sessions,
-    which commits once and rolls back as a whole. Other storages get the keys one by one.
-    """
-    storage = trial.study._storage
-    backend = getattr(storage, "_backend", storage)  # optuna wraps RDBStorage in _CachedStorage
-    if not isinstance(backend, optuna.storages.RDBStorage) or len(attrs) < 2:
-        for key, value in attrs.items():
-            trial.set_user_attr(key, value)
-        return
-    with _create_scoped_session(backend.scoped_session) as session:
-        for key, value in attrs.items():
-            backend._set_trial_attr_without_commit(session, rdb_models.TrialUserAttributeModel, trial._trial_id,
-                                                   key, value)

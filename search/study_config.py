@@ -22,6 +22,7 @@ import yaml
 
 from lightning_modules import BACKBONES, PLACEMENTS, POOLINGS, ConfigError
 from lightning_modules.classifier import TrainingRecipe
+from lightning_modules.config import ADDED_LATER
 from search.errors import UsageError
 
 __all__ = [
@@ -181,7 +182,7 @@ class StudyConfig:
 
     def identity(self) -> dict[str, Any]:
         """What defines the study's results: everything but the trial count and the data's location."""
-        d = to_plain(self)
+        d = to_plain(self, identity=True)
         d.pop("trials")
         d["data"].pop("data_dir")
         d["data"].pop("num_workers")
@@ -194,14 +195,16 @@ class StudyConfig:
         return dataclasses.replace(self, **changes)
 
 
-def to_plain(obj: Any) -> Any:
-    """Dataclasses, tuples and mappings as JSON-ready dicts and lists."""
+def to_plain(obj: Any, identity: bool = False) -> Any:
+    """Dataclasses, tuples and mappings as JSON-ready dicts and lists. ``identity``: without the fields
+    marked ``ADDED_LATER`` that hold their default (see ``StudyConfig.identity``)."""
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return {f.name: to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+        return {f.name: to_plain(getattr(obj, f.name), identity) for f in dataclasses.fields(obj)
+                if not (identity and f.metadata == ADDED_LATER and getattr(obj, f.name) == f.default)}
     if isinstance(obj, Mapping):
-        return {str(k): to_plain(v) for k, v in obj.items()}
+        return {str(k): to_plain(v, identity) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [to_plain(v) for v in obj]
+        return [to_plain(v, identity) for v in obj]
     return obj
 
 

@@ -43,20 +43,21 @@ from lightning_modules.backbones import BACKBONES
 from lightning_modules.classifier import DivergenceError
 from search import redact
 from search.data import prepare_datamodule
-from search.errors import UsageError
-from search.objective import Devices, TrialRunner
+from search.devices import pin_threads
+from search.errors import UsageError, UsageParser, cli_main
+from search.objective import PRUNED_REASON_ATTR, Devices, TrialRunner
 from search.pruning import make_pruner
-from search.storage import masked, open_storage, set_user_attrs
+from search.storage import masked, open_storage
 from search.study_config import load_study
 from search.study_store import make_sampler_for
+from search.trial_writes import set_user_attrs
 
-__all__ = ["FAIL_REASON_ATTR", "WORKER_ATTR", "TrialInterrupted", "WorkerSpec", "budget_left", "run_worker",
+__all__ = ["FAIL_REASON_ATTR", "WORKER_ATTR", "Budget", "TrialInterrupted", "WorkerSpec", "run_worker",
            "sampler_seed"]
 
 FAIL_REASON_ATTR = "fail_reason"
 WORKER_ATTR = "worker"
 COUNTED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
-FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 # A worker whose trials keep failing has a problem no further trial will fix (a broken environment, a bad
 # study): it stops instead of filling the study with failures.
 MAX_CONSECUTIVE_FAILURES = 5
@@ -125,15 +126,45 @@ def _interruptible() -> Iterator[None]:
         _Stop.in_trial = False
 
 
-def budget_left(study: optuna.Study, trials: int) -> bool:
-    """True while finished + running trials are fewer than ``trials``; failed ones do not count, and waiting
-    ones (queued retries) are what the next ``ask`` takes."""
-    counts = Counter(t.state for t in study.get_trials(deepcopy=False, states=COUNTED))
-    return counts[TrialState.COMPLETE] + counts[TrialState.PRUNED] + counts[TrialState.RUNNING] < trials
+@dataclass(frozen=True)
+class Budget:
+    """What one read of the study's trials says about its budget of ``trials``. The worker reads it once per
+    pass of its loop: each read of the trials costs a few milliseconds on PostgreSQL, a visible share of
+    short trials when it was done three times per trial."""
 
+    trials: int
+    finished: int  # complete or pruned
+    running: int
+    counted_numbers: tuple[int, ...]  # numbers of finished, running and waiting trials: what the budget counts
+    last_number: int  # the highest trial number in the study, failed trials included (-1: none)
 
-def _finished(study: optuna.Study) -> int:
-    return len(study.get_trials(deepcopy=False, states=FINISHED))
+    @classmethod
+    def read(cls, study: optuna.Study, trials: int) -> Budget:
+        all_trials = study.get_trials(deepcopy=False)
+        counts = Counter(t.state for t in all_trials)
+        return cls(trials, counts[TrialState.COMPLETE] + counts[TrialState.PRUNED], counts[TrialState.RUNNING],
+                   tuple(t.number for t in all_trials if t.state in COUNTED),
+                   max((t.number for t in all_trials), default=-1))
+
+    @property
+    def done(self) -> bool:
+        return self.finished >= self.trials
+
+    @property
+    def left(self) -> bool:
+        """Finished + running trials are fewer than ``trials``; failed ones do not count, and waiting ones
+        (queued retries) are what the next ``ask`` takes."""
+        return self.finished + self.running < self.trials
+
+    def surely_not_surplus(self, trial: optuna.Trial) -> bool:
+        """True when ``trial`` (asked after this read) cannot be over the budget, so no new read is needed.
+
+        Counted trials numbered below it are at most those counted here, plus every trial created since
+        (numbers above ``last_number``). Only near the end of the budget, within the trials running here
+        plus one (other workers' asks in flight), is the bound too close and the trials read again."""
+        counted_before = sum(1 for number in self.counted_numbers if number < trial.number)
+        created_since = max(0, trial.number - 1 - self.last_number)
+        return counted_before + created_since + self.running + 1 < self.trials
 
 
 def _is_surplus(study: optuna.Study, trial: optuna.Trial, trials: int) -> bool:
@@ -206,16 +237,15 @@ def _run_one(study: optuna.Study, trial: optuna.Trial, runner: Callable[[optuna.
     reason and propagate. Memory of a failed trial is freed after the ``except`` block has dropped the
     exception, whose traceback holds the trial's model, optimiser and activations.
     """
-    with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
-        trial.set_user_attr(WORKER_ATTR, f"{socket.gethostname()}:{os.getpid()}")
     _log(f"trial {trial.number} started")
     failure: tuple[str, str | None] | None = None
     try:
         with get_heartbeat_thread(trial._trial_id, study._storage), _interruptible():
             values = runner(trial)
     except optuna.TrialPruned as e:
-        with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
-            trial.set_user_attr("pruned_reason", str(e))
+        if PRUNED_REASON_ATTR not in trial.user_attrs:  # TrialRunner stores it with the trial's results
+            with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
+                trial.set_user_attr(PRUNED_REASON_ATTR, str(e))
         _tell(study, trial, state=TrialState.PRUNED)
     except DivergenceError as e:
         failure = (f"diverged: {e}", None)
@@ -242,11 +272,10 @@ def _run_one(study: optuna.Study, trial: optuna.Trial, runner: Callable[[optuna.
     return False
 
 
-def _waiting_for_others(study: optuna.Study, spec: WorkerSpec, announced: bool) -> bool:
+def _waiting_for_others(spec: WorkerSpec, budget: Budget, announced: bool) -> bool:
     """The rest of the budget is running elsewhere: wait for it to finish or to come back as a retry."""
     if not announced:
-        running = len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
-        _log(f"waiting: {running} trial(s) running in other workers")
+        _log(f"waiting: {budget.running} trial(s) running in other workers")
     time.sleep(max(1, min(spec.heartbeat_interval or 1, 5)))
     return True
 
@@ -264,7 +293,7 @@ def run_worker(spec: WorkerSpec) -> int:
     Raises ``TrialInterrupted`` when a stop signal arrives (after recording the running trial).
     """
     if spec.threads:
-        torch.set_num_threads(spec.threads)
+        pin_threads(spec.threads)
     cfg = load_study(spec.study, **spec.overrides)
     storage = open_storage(spec.storage, heartbeat_interval=spec.heartbeat_interval, grace_period=spec.grace_period)
     sampler = make_sampler_for(cfg.replace(seed=sampler_seed(cfg.seed, spec.worker_index)),
@@ -272,7 +301,8 @@ def run_worker(spec: WorkerSpec) -> int:
     study = optuna.load_study(study_name=spec.study_name, storage=storage, sampler=sampler,
                               pruner=None if cfg.multi_objective else make_pruner(cfg.pruner.name, cfg.pruner.options))
     datamodule = prepare_datamodule(cfg)
-    runner = TrialRunner(cfg, datamodule, Devices(spec.accelerator, spec.devices))
+    runner = TrialRunner(cfg, datamodule, Devices(spec.accelerator, spec.devices),
+                         trial_attrs={WORKER_ATTR: f"{socket.gethostname()}:{os.getpid()}"})
     _log(f"worker {socket.gethostname()}:{os.getpid()} joined study {spec.study_name!r} in {masked(spec.storage)} "
          f"({spec.accelerator}, {spec.devices} device(s) per trial)")
     ran = failures = 0
@@ -282,12 +312,13 @@ def run_worker(spec: WorkerSpec) -> int:
             if _Stop.reason is not None:
                 raise TrialInterrupted(_Stop.reason)
             _fail_stale_trials(study)
-            if _finished(study) >= spec.trials:
+            budget = Budget.read(study, spec.trials)
+            if budget.done:
                 return ran
-            if not budget_left(study, spec.trials):
+            if not budget.left:
                 if not is_heartbeat_enabled(study._storage):
                     return ran  # without heartbeats a dead worker's trial never comes back: nothing to wait for
-                waiting = _waiting_for_others(study, spec, waiting)
+                waiting = _waiting_for_others(spec, budget, waiting)
                 continue
             waiting = False
             trial = study.ask()
@@ -295,7 +326,7 @@ def run_worker(spec: WorkerSpec) -> int:
                 # Optuna never finds a trial stale before its first heartbeat: record one at once, so a worker
                 # dying before its heartbeat thread starts still leaves a trial that comes back as a retry.
                 study._storage.record_heartbeat(trial._trial_id)
-            if _is_surplus(study, trial, spec.trials):
+            if not budget.surely_not_surplus(trial) and _is_surplus(study, trial, spec.trials):
                 _fail(study, trial, "surplus: the study already had its trials when this one started")
                 continue
             failures = 0 if _run_one(study, trial, runner) else failures + 1
@@ -317,33 +348,31 @@ def read_spec(arg: str | None) -> WorkerSpec:
         raise UsageError(f"worker spec: expected the JSON search.run writes, got an error: {e}") from None
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m search.worker", description=__doc__.splitlines()[0])
-    parser.add_argument("spec", nargs="?", default="-",
-                        help="the worker spec as JSON; '-' or nothing: read it from standard input (search.run "
-                             "does, so the storage URL is not visible in the process list)")
-    args = parser.parse_args(argv)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+def _serve(args: argparse.Namespace) -> int:
     # Lightning's per-Trainer banners would repeat for every trial in the worker log.
     logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)
     logging.getLogger("lightning_fabric").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
-    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
     install_signal_handlers()
     try:
         spec = read_spec(args.spec)
         redact.install(spec.storage)
         run_worker(spec)
-    except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     except WorkerGaveUp as e:
         print(f"error: worker stopped: {e}", file=sys.stderr)
         return 1
     except (TrialInterrupted, KeyboardInterrupt):
         return 130
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = UsageParser(prog="python -m search.worker", description=__doc__.splitlines()[0])
+    parser.add_argument("spec", nargs="?", default="-",
+                        help="the worker spec as JSON; '-' or nothing: read it from standard input (search.run "
+                             "does, so the storage URL is not visible in the process list)")
+    return cli_main(_serve, parser, argv)
 
 
 if __name__ == "__main__":

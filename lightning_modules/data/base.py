@@ -185,10 +185,12 @@ class ArrayDataModule(pl.LightningDataModule):
                             seed=self._base_seed(world))
 
     def val_dataloader(self) -> DeviceBatchLoader:
-        return self._loader("val")
+        world, rank = self._world()  # under DDP each rank evaluates its shard of the split
+        return self._loader("val", world=world, rank=rank)
 
     def test_dataloader(self) -> DeviceBatchLoader:
-        return self._loader("test")
+        world, rank = self._world()
+        return self._loader("test", world=world, rank=rank)
 
     def loader(self, split: str, *, device: torch.device, train: bool = False, seed: int = 0) -> DeviceBatchLoader:
         """A loader of ``split`` on ``device`` without a Trainer (hand-written loops, benchmarks); ``train``

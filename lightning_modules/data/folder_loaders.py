@@ -156,8 +156,10 @@ class FolderLoaders:
         return DataLoader(ds, sampler=sampler, drop_last=True, generator=torch.Generator().manual_seed(seed),
                           **self._loader_kwargs(device))
 
-    def eval_loader(self, split: str, device: torch.device) -> DataLoader:
-        return DataLoader(_Files(self.samples[split], self._eval_transform()), shuffle=False,
+    def eval_loader(self, split: str, world: int, rank: int, device: torch.device) -> DataLoader:
+        """In file order; under DDP rank r reads every ``world``-th file from the r-th (disjoint shards that
+        cover the split once, as the tensor loaders do)."""
+        return DataLoader(_Files(self.samples[split][rank::world], self._eval_transform()), shuffle=False,
                           **self._loader_kwargs(device))
 
     def describe(self) -> dict[str, Any]:

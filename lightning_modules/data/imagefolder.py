@@ -238,10 +238,12 @@ class ImageFolderDataModule(ArrayDataModule):
         return super().train_dataloader()
 
     def val_dataloader(self) -> Any:
-        return self._folder.eval_loader("val", self._device()) if self._folder else super().val_dataloader()
+        return self._folder.eval_loader("val", *self._world(), self._device()) if self._folder \
+            else super().val_dataloader()
 
     def test_dataloader(self) -> Any:
-        return self._folder.eval_loader("test", self._device()) if self._folder else super().test_dataloader()
+        return self._folder.eval_loader("test", *self._world(), self._device()) if self._folder \
+            else super().test_dataloader()
 
     @property
     def num_classes(self) -> int:

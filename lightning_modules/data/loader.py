@@ -49,7 +49,10 @@ class DeviceBatchLoader:
     on any device and any run. With ``world_size`` > 1 every rank draws the same epoch plan and takes every
     ``world_size``-th group of ``batch_size`` (drop-last), so ranks see disjoint batches, equally many.
     ``flip`` False keeps crops but never mirrors (for data whose mirror image is another thing).
-    Evaluation loaders keep the stored order, never augment and keep the last partial batch.
+    Evaluation loaders keep the stored order, never augment and keep the last partial batch; with
+    ``world_size`` > 1 rank r serves every ``world_size``-th image from the r-th, so the ranks evaluate
+    disjoint shards that cover the split exactly once (torchmetrics sums their counts: the accuracy is the
+    whole split's, without the duplicates a padding sampler would add).
 
     The epoch comes from ``set_epoch`` (Lightning calls it through ``.sampler`` before every epoch, resumed
     runs included) and otherwise advances after each complete pass, for plain ``for`` loops.
@@ -77,8 +80,6 @@ class DeviceBatchLoader:
             raise ValueError(f"images: expected a uint8 (N, C, H, W) tensor, got {got}")
         if len(labels) != len(images):
             raise ValueError(f"labels: {len(labels)} labels for {len(images)} images")
-        if world_size > 1 and not shuffle:
-            raise ValueError("world_size > 1 is for training loaders (shuffle=True)")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank: must be in [0, {world_size}), got {rank}")
         self.images = images
@@ -112,16 +113,15 @@ class DeviceBatchLoader:
         self.sampler.set_epoch(epoch)
 
     def __len__(self) -> int:
-        n = len(self.subset)
         if self.shuffle:
-            return n // (self.batch_size * self.world_size)
-        return math.ceil(n / self.batch_size)
+            return len(self.subset) // (self.batch_size * self.world_size)
+        return math.ceil(len(self.subset[self.rank::self.world_size]) / self.batch_size)
 
     def _plan(self, epoch: int) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """This rank's image order for ``epoch`` and, when augmenting, its crop offsets and flips."""
         n = len(self.subset)
         if not self.shuffle:
-            return self.subset, None, None
+            return self.subset[self.rank::self.world_size], None, None
         g = torch.Generator().manual_seed(epoch_seed(self.seed, epoch))
         order = torch.randperm(n, generator=g)
         offsets, flips = draw_crop_flip(n, self.padding, g) if self.augment else (None, None)

@@ -12,9 +12,14 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import optuna
 import pytest
+from optuna.trial import TrialState
+from optuna_dashboard._custom_plot_data import get_plotly_graph_objects
 
 from dashboards.plots import GRAPH_IDS
+from dashboards.serve import refresh_studies
+from search.export import open_existing_storage
 from tests.dashboards.conftest import Dashboard, EngineRun, start_dashboard
 from tests.dashboards.synthetic import per_stage_study
 from tests.search.helpers import run_cli
@@ -62,6 +67,38 @@ def test_serve_port_in_use_is_one_line_exit_2(synthetic_dashboard: tuple, tmp_pa
     assert result.returncode == 2 and "cannot listen" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
     assert not artifacts.exists()  # refused before touching the disk
+
+
+@pytest.mark.parametrize(("args", "expected"), [(["--refresh", "-1"], "--refresh: must be >= 0, got -1.0"),
+                                               (["--port", "0"], "--port: must be 1-65535, got 0")])
+def test_serve_bad_flag_is_one_line_exit_2(tmp_path: Path, args: list[str], expected: str) -> None:
+    result = run_cli("dashboards.serve", "--storage", f"sqlite:///{tmp_path / 'studies.db'}", *args, timeout=120)
+    assert result.returncode == 2 and expected in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_refresh_keeps_its_studies_and_still_sees_new_trials(tmp_path: Path) -> None:
+    """Later refreshes reuse the loaded study (its Optuna cache holds the finished trials) and publish
+    again only when a trial changed: one finishing elsewhere in the meantime is in the new plots."""
+    url = f"sqlite:///{tmp_path / 'studies.db'}"
+    study = per_stage_study(url)
+    study.set_user_attr("definition_hash", "0123456789abcdef")
+    storage = open_existing_storage(url)
+    loaded: dict = {}
+    refresh_studies(storage, None, loaded=loaded)
+    first = loaded[study.study_name]
+    assert set(_published(first)) == set(GRAPH_IDS.values())
+    before = _published(first)
+    refresh_studies(storage, None, loaded=loaded)
+    assert loaded[study.study_name] is first and _published(first) == before  # nothing changed, nothing written
+    running = study.get_trials(states=(TrialState.RUNNING,))[0]
+    study.tell(running.number, [0.99, 1_000_000.0])  # another process finishes the running trial
+    refresh_studies(storage, None, loaded=loaded)
+    assert loaded[study.study_name] is first and _published(first) != before
+
+
+def _published(study: optuna.Study) -> dict[str, str]:
+    return get_plotly_graph_objects(study._storage.get_study_system_attrs(study._study_id))
 
 
 def test_serve_missing_storage_is_refused(tmp_path: Path) -> None:

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
+import torchmetrics
 from PIL import Image
 
 from lightning_modules import ConfigError, build_arch
@@ -330,6 +331,20 @@ def test_train_loader_shards_disjoint_and_equal_across_ranks() -> None:
                           rank=2)
 
 
+def test_eval_loader_shards_cover_the_split_once_across_ranks() -> None:
+    """Evaluation under DDP: each rank serves every third image from its own, partial batches kept, so
+    the ranks' shards are disjoint and together hold every image exactly once."""
+    n = 1000
+    images = torch.zeros(n, 1, 8, 8, dtype=torch.uint8)
+    ids = torch.arange(n)
+    ranks = [DeviceBatchLoader(images, ids, batch_size=64, mean=[0.0], std=[1.0], world_size=3, rank=r)
+             for r in range(3)]
+    seen = [torch.cat([y for _, y in r]) for r in ranks]
+    assert [len(s) for s in seen] == [334, 333, 333] and [len(r) for r in ranks] == [6, 6, 6]
+    assert sorted(torch.cat(seen).tolist()) == list(range(n))
+    assert all(torch.equal(s, r.epoch_indices()) for s, r in zip(seen, ranks, strict=True))
+
+
 def test_training_split_smaller_than_batch_is_a_data_error() -> None:
     dm = build_datamodule(_digits(batch_size=5000))
     dm.setup()
@@ -412,10 +427,19 @@ class _IndexRecorder(pl.LightningModule):
         super().__init__()
         self.fc = torch.nn.Linear(64, 10)
         self.out = out
+        self.val_accuracy = torchmetrics.classification.MulticlassAccuracy(num_classes=10, average="micro")
 
     def on_train_epoch_start(self) -> None:
         indices = self.trainer.train_dataloader.epoch_indices().numpy()
         np.save(Path(self.out) / f"rank{self.global_rank}-epoch{self.current_epoch}.npy", indices)
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        if batch_idx == 0:
+            np.save(Path(self.out) / f"rank{self.global_rank}-val.npy",
+                    self.trainer.val_dataloaders.epoch_indices().numpy())
+        x, y = batch
+        self.val_accuracy.update(self.fc(x.flatten(1)), y)
+        self.log("val_accuracy", self.val_accuracy, on_epoch=True, batch_size=len(y))
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         x, y = batch
@@ -434,17 +458,25 @@ class _IndexRecorder(pl.LightningModule):
 @pytest.mark.slow
 def test_ddp_ranks_see_disjoint_equal_shards(tmp_path: Path) -> None:
     """Two gloo processes under Lightning's DDP: each epoch the ranks train on disjoint, equally many
-    images, and the plan changes between epochs."""
+    images, and the plan changes between epochs; they validate on disjoint shards covering the split."""
     dm = build_datamodule(_digits(batch_size=32, image_size=8))
     dm.setup()
     pl.seed_everything(0, verbose=False)
-    trainer = _trainer(max_epochs=2, devices=2, strategy="ddp_spawn", limit_val_batches=0)
-    trainer.fit(_IndexRecorder(str(tmp_path)), datamodule=dm)
+    trainer = _trainer(max_epochs=2, devices=2, strategy="ddp_spawn")
+    model = _IndexRecorder(str(tmp_path))
+    trainer.fit(model, datamodule=dm)
     seen = {(r, e): np.load(tmp_path / f"rank{r}-epoch{e}.npy") for r in (0, 1) for e in (0, 1)}
     for epoch in (0, 1):
         a, b = seen[0, epoch], seen[1, epoch]
         assert len(a) == len(b) == (1294 // 64) * 32 and not set(a.tolist()) & set(b.tolist())
     assert not np.array_equal(seen[0, 0], seen[0, 1])
+    val = [np.load(tmp_path / f"rank{r}-val.npy").tolist() for r in (0, 1)]
+    whole = dm.loader("val", device=torch.device("cpu")).epoch_indices().tolist()
+    assert val[0] and val[1] and not set(val[0]) & set(val[1]) and sorted(val[0] + val[1]) == sorted(whole)
+    # The accuracy the ranks logged from their shards is the whole split's (the final weights, one process).
+    with torch.no_grad():
+        hits = [(model.fc(x.flatten(1)).argmax(1) == y) for x, y in dm.loader("val", device=torch.device("cpu"))]
+    assert float(trainer.callback_metrics["val_accuracy"]) == pytest.approx(float(torch.cat(hits).float().mean()))
 
 
 # -- imagefolder -------------------------------------------------------------------------------------------

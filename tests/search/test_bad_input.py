@@ -41,7 +41,7 @@ def _arg(tmp_path: Path, arg: str, study: Path) -> str:
         (["--study", "no_such_study"], "unknown study 'no_such_study'"),
         (["--study", "QUICK", "--trials", "0"], "--trials: must be >= 1"),
         (["--study", "QUICK", "--epochs", "-1"], "--epochs: must be >= 1"),
-        (["--study", "QUICK", "--trials", "many"], "--trials: invalid int value"),
+        (["--study", "QUICK", "--trials", "many"], "--trials: expected an integer, got 'many'"),
         (["--study", "QUICK", "--storage", "not a url"], "--storage: 'not a url' is not a SQLAlchemy URL"),
         (["--study", "QUICK", "--storage", "postgresql+psycopg://u:s3cret@127.0.0.1:1/x"], "--storage: cannot open"),
         (["--study", "QUICK", "--gpus", "7"], "--gpus: GPU 7 does not exist"),

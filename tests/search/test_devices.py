@@ -6,10 +6,16 @@ this machine has no GPU; ``plan_slots`` itself is checked on the CPU it has.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from search.devices import Slot, group_gpus, parse_gpus, plan_slots
 from search.errors import UsageError
+from tests.conftest import REPO
 
 
 def test_group_gpus_cuts_consecutive_groups() -> None:
@@ -32,10 +38,37 @@ def test_parse_gpus_checks_indices_against_machine() -> None:
         parse_gpus("0,0", 2)
 
 
-def test_slot_env_pins_gpu_group_and_threads() -> None:
-    env = Slot("2,3", "gpu", 2, None).env()
-    assert env["CUDA_VISIBLE_DEVICES"] == "2,3"
-    assert Slot("", "cpu", 2, 3).env()["OMP_NUM_THREADS"] == "3"
+def test_slot_env_pins_gpu_group() -> None:
+    assert Slot("2,3", "gpu", 2, None).env()["CUDA_VISIBLE_DEVICES"] == "2,3"
+    assert Slot("", "cpu", 2, 3).env()["CUDA_VISIBLE_DEVICES"] == ""
+
+
+PIN_THREADS = """
+import multiprocessing as mp, torch
+from search.devices import pin_threads
+
+def child(queue):
+    queue.put(torch.get_num_threads())
+
+if __name__ == "__main__":
+    pin_threads(1)
+    queue = mp.get_context("spawn").Queue()
+    proc = mp.get_context("spawn").Process(target=child, args=(queue,))
+    proc.start()
+    print(torch.get_num_threads(), queue.get(timeout=120))
+    proc.join()
+"""
+
+
+def test_pin_threads_holds_in_the_process_and_the_ranks_it_spawns(tmp_path: Path) -> None:
+    """A worker's thread count reaches the DDP ranks it spawns (they read OMP_NUM_THREADS at import)."""
+    script = tmp_path / "pin.py"
+    script.write_text(PIN_THREADS)
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    result = subprocess.run([sys.executable, str(script)], cwd=REPO, env={**env, "PYTHONPATH": str(REPO)},
+                            capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == ["1", "1"]
 
 
 def test_plan_slots_cpu_procs_per_trial_share_cores() -> None:

@@ -95,3 +95,28 @@ def test_mo_pruner_refuses_hyperband_and_bad_options() -> None:
         MultiObjectivePruner("hyperband", {}, pareto_aware=True)
     with pytest.raises(ValueError, match=r"pruner\.options"):
         MultiObjectivePruner("median", {"no_such_option": 1}, pareto_aware=True)
+
+
+@pytest.mark.parametrize("options", [{"min_resource": 1, "reduction_factor": 3},
+                                     {"min_resource": 2, "reduction_factor": 2},
+                                     {"min_resource": 3, "reduction_factor": 3, "min_early_stopping_rate": 1}])
+def test_mo_pruner_reads_trials_only_where_successive_halving_can_decide(options: dict) -> None:
+    """The multi-objective pruner skips the read of the finished trials at steps where successive halving
+    would not compare; at every step that shortcut agrees with Optuna's own rule (a hopeless curve is pruned
+    exactly at the promotion steps), and at the skipped steps the study is not read."""
+    study = _mo_study_with([(100.0, [0.9] * 40) for _ in range(6)])
+    pruner = MultiObjectivePruner("successive_halving", options, pareto_aware=True)
+    reads = []
+    study.get_trials = lambda *a, **k: reads.append(1) or optuna.Study.get_trials(study, *a, **k)
+    trial = _running_trial(study, flops=200.0)
+    decided = []
+    for step in range(40):
+        curve = [0.1] * (step + 1)
+        optuna_rule = shadow_should_prune(lambda: make_pruner("successive_halving", options), curve,
+                                          [([0.9] * 40, True)] * 6)
+        reads.clear()
+        assert pruner.should_prune(trial, curve) == optuna_rule, step
+        assert bool(reads) == optuna_rule, step
+        decided += [step] if optuna_rule else []
+    first = options["min_resource"] * options["reduction_factor"] ** options.get("min_early_stopping_rate", 0)
+    assert decided == [first * options["reduction_factor"] ** k for k in range(len(decided))] and len(decided) >= 2

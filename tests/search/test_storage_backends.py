@@ -13,9 +13,11 @@ from pathlib import Path
 
 import optuna
 import pytest
+import sqlalchemy
 from optuna.trial import TrialState
 
-from search.storage import open_storage, set_user_attrs
+from search.storage import open_storage
+from search.trial_writes import batched_writes, set_user_attrs
 from search.worker import FAIL_REASON_ATTR
 from tests.search.helpers import load, run_cli, tiny_study
 
@@ -50,6 +52,7 @@ def test_set_user_attrs_writes_all_keys_at_once_and_nothing_on_a_finished_trial(
     trial.set_user_attr("seed", 1)
     attrs = {"seed": 7, "flops": 123456789012, "placements": ["none", "standard"], "note": "ü", "curve": [0.5]}
     set_user_attrs(trial, attrs)
+    assert trial.user_attrs == attrs  # the trial's cached copy too, as set_user_attr keeps it
     reader = optuna.load_study(study_name=study_name, storage=open_storage(storage_url))
     assert reader.trials[0].user_attrs == attrs
     study.tell(trial, 0.5)
@@ -57,6 +60,85 @@ def test_set_user_attrs_writes_all_keys_at_once_and_nothing_on_a_finished_trial(
         set_user_attrs(trial, {"late": 1, "seed": 8})
     after = optuna.load_study(study_name=study_name, storage=open_storage(storage_url)).trials[0].user_attrs
     assert after == attrs
+
+
+@pytest.mark.parametrize("storage_url", BACKENDS, indirect=True)
+def test_set_user_attrs_costs_the_same_statements_for_any_number_of_keys(storage_url: str, study_name: str) -> None:
+    """One trial lookup and one upsert per batch, whatever its size: the per-key cost of ``set_user_attr``
+    (a lookup and an upsert per key) is what made storage a visible share of short trials."""
+    storage = open_storage(storage_url)
+    study = optuna.create_study(study_name=study_name, storage=storage)
+    trial = study.ask()
+    statements: list[str] = []
+    sqlalchemy.event.listen(storage.engine, "before_cursor_execute", lambda *a: statements.append(a[2]))
+    set_user_attrs(trial, {"a": 1, "b": 2})
+    small = len(statements)
+    statements.clear()
+    set_user_attrs(trial, {f"key{i}": i for i in range(12)})
+    assert len(statements) == small <= 3, statements
+    assert len(study.trials[0].user_attrs) == 14
+
+
+def _writes(sql: str) -> bool:
+    """A write of a trial's parameters or user attributes (samplers may keep system attributes of their own)."""
+    return sql.lstrip().upper().startswith(("INSERT", "UPDATE")) and ("trial_params" in sql
+                                                                    or "trial_user_attributes" in sql)
+
+
+def _suggest_stages(trial: optuna.Trial, stages: int) -> None:
+    for i in range(stages):
+        trial.suggest_categorical(f"stage{i}.placement", ["none", "standard", "pre"])
+        trial.suggest_float(f"stage{i}.lr", 1e-3, 1.0, log=True)
+
+
+@pytest.mark.parametrize("storage_url", BACKENDS, indirect=True)
+def test_batched_writes_store_parameters_and_attributes_in_one_transaction(storage_url: str,
+                                                                           study_name: str) -> None:
+    """Inside the block a trial suggests as usual (TPE past its start-up trials reads the study); nothing
+    reaches the database until the block ends, then everything in one commit, as Optuna would have
+    written it (read back through a second handle)."""
+    storage = open_storage(storage_url)
+    study = optuna.create_study(study_name=study_name, storage=storage,
+                                sampler=optuna.samplers.TPESampler(n_startup_trials=2, seed=0))
+    for _ in range(3):
+        trial = study.ask()
+        _suggest_stages(trial, 3)
+        study.tell(trial, trial.params["stage0.lr"])
+    trial = study.ask()
+    transactions: list[list[str]] = [[]]  # the statements of each transaction on this handle, in order
+    sqlalchemy.event.listen(storage.engine, "before_cursor_execute", lambda *a: transactions[-1].append(a[2]))
+    sqlalchemy.event.listen(storage.engine, "commit", lambda conn: transactions.append([]))
+    reader = optuna.load_study(study_name=study_name, storage=open_storage(storage_url))
+    with batched_writes(trial):
+        _suggest_stages(trial, 3)
+        set_user_attrs(trial, {"seed": 3, "flops": 10})
+        assert trial.user_attrs == {"seed": 3, "flops": 10} and len(trial.params) == 6
+        assert reader.trials[3].params == {} and reader.trials[3].user_attrs == {}
+        assert not [sql for statements in transactions for sql in statements if _writes(sql)]
+    assert len([statements for statements in transactions if any(_writes(sql) for sql in statements)]) == 1
+    stored = reader.trials[3]
+    assert stored.params == trial.params and stored.distributions == trial.distributions
+    assert stored.user_attrs == {"seed": 3, "flops": 10}
+
+
+@pytest.mark.parametrize("storage_url", BACKENDS, indirect=True)
+def test_batched_writes_keep_what_a_failing_trial_chose_and_refuse_a_changed_distribution(
+        storage_url: str, study_name: str) -> None:
+    """An error inside the block still stores the parameters chosen so far, then propagates. A parameter
+    whose distribution differs from the one the study already holds is refused as Optuna refuses it, and
+    nothing of that batch is written."""
+    study = optuna.create_study(study_name=study_name, storage=open_storage(storage_url))
+    trial = study.ask()
+    with pytest.raises(RuntimeError, match="cost count failed"), batched_writes(trial):
+        trial.suggest_categorical("placement", ["none", "standard"])
+        raise RuntimeError("cost count failed")
+    assert study.trials[0].params == {"placement": trial.params["placement"]}
+    study.tell(trial, state=optuna.trial.TrialState.FAIL)
+    changed = study.ask()
+    with pytest.raises(ValueError, match="dynamic value space"), batched_writes(changed):
+        changed.suggest_float("lr", 0.1, 1.0)
+        changed.suggest_categorical("placement", ["none", "pre"])
+    assert study.trials[1].params == {}
 
 
 @pytest.mark.parametrize("storage_url", BACKENDS, indirect=True)

@@ -27,7 +27,7 @@ import socket
 import time
 from collections.abc import Callable
 from datetime import timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from lightning_fabric.plugins.environments import ClusterEnvironment
@@ -117,6 +117,8 @@ def _die_with_parent() -> None:
         libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
+T = TypeVar("T")
+
 # The function a helper runs for its share of one trial: (design, seed, datamodule, strategy) -> summary.
 RankFit = Callable[[Any, int, Any, DDPStrategy], dict[str, Any]]
 
@@ -197,7 +199,21 @@ class RankGroup:
                 return "error", f"process exited with code {proc.exitcode}"
         return "error", f"no answer from rank {rank} within {timeout:.0f} s"
 
-    def begin(self, design: Any, seed: int) -> DDPStrategy:
+    def run_trial(self, design: Any, seed: int, fit: Callable[[DDPStrategy], T]) -> tuple[T, list[dict[str, Any]]]:
+        """Rank 0's side of one trial: send it to the helpers, run ``fit`` with rank 0's strategy, and return
+        its result with the helpers' summaries. If rank 0 fails, the helpers (possibly blocked in a
+        collective) are ended and restarted for the next trial; the process group never outlives the trial."""
+        strategy = self._begin(design, seed)
+        try:
+            result = fit(strategy)
+        except BaseException:
+            self._abort()
+            raise
+        finally:
+            destroy_process_group()
+        return result, self._end()
+
+    def _begin(self, design: Any, seed: int) -> DDPStrategy:
         """Start the helpers if needed, send them this trial, and return rank 0's strategy."""
         if not self._procs or not all(p.is_alive() for p, _ in self._procs):
             self.close()
@@ -207,7 +223,7 @@ class RankGroup:
             conn.send((design, seed, port))
         return ddp_strategy(self.world_size, 0, port, self.accelerator)
 
-    def end(self) -> list[dict[str, Any]]:
+    def _end(self) -> list[dict[str, Any]]:
         """After rank 0's fit returned: every helper's summary of its part (ranks 1..N-1)."""
         summaries = []
         for rank, (proc, conn) in enumerate(self._procs, start=1):
@@ -218,7 +234,7 @@ class RankGroup:
             summaries.append(detail)
         return summaries
 
-    def abort(self) -> None:
+    def _abort(self) -> None:
         """Rank 0 failed mid-trial: the helpers may be blocked in a collective; end them (restarted lazily)."""
         self.close(graceful=False)
 

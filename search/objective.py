@@ -22,7 +22,7 @@ from lightning_modules.classifier import TEST_ACCURACY, SEClassifier
 from lightning_modules.training import make_trainer
 from search.cost import count_cost
 from search.data import data_config, ready_datamodule
-from search.ddp import RankGroup, destroy_process_group
+from search.ddp import RankGroup
 from search.pruning import CURVE_ATTR, MultiObjectivePruner, PruningCallback
 from search.samplers import CONSTRAINTS_ATTR
 from search.space import TrialDesign, suggest
@@ -167,16 +167,9 @@ class TrialRunner:
         if self.ranks is None:
             return train_and_test(design, seed, self.dm, accelerator=d.accelerator, devices=d.devices,
                                   strategy="auto", callback=callback)
-        strategy = self.ranks.begin(design, seed)
-        try:
-            result = train_and_test(design, seed, self.dm, accelerator=d.accelerator, devices=d.devices,
-                                    strategy=strategy, callback=callback)
-        except BaseException:
-            self.ranks.abort()
-            raise
-        finally:
-            destroy_process_group()
-        helpers = self.ranks.end()
+        result, helpers = self.ranks.run_trial(design, seed, lambda strategy: train_and_test(
+            design, seed, self.dm, accelerator=d.accelerator, devices=d.devices, strategy=strategy,
+            callback=callback))
         # Evidence that every rank trained and stopped together (a pruned trial: the same epoch on all).
         return {**result, "ddp_world_size": d.devices,
                 "ddp_rank_epochs": [result["epochs_run"], *(h["epochs_run"] for h in helpers)]}

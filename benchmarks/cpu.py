@@ -129,32 +129,46 @@ def storage_share(args: argparse.Namespace) -> dict[str, Any]:
 
 
 PRUNING_TRIALS = 24
+# Two study seeds: the pruned run's sampler sees pruned trials and so draws other networks than the unpruned
+# one from the first pruned trial on; one seed's savings ranged 36-52% over runs. Both seeds' epochs are
+# summed, and each seed's front must keep its hypervolume.
+PRUNING_SEEDS = (0, 1)
 
 
 @CPU.register("pruning_pays")
 def pruning_pays(args: argparse.Namespace) -> dict[str, Any]:
     """Target 4: se_placement on digits (the README's CPU setting, the study's own 10 epochs and pruner) run
-    twice with the same seeds, with its pruner and with none: training epochs saved, and the final Pareto
-    front's hypervolume against the unpruned run's."""
-    runs = {}
+    with its pruner and with none, on the same seeds (``PRUNING_SEEDS``): training epochs saved, and each
+    final Pareto front's hypervolume against the unpruned run's."""
+    runs: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         studies = {"pruned": find_study_file("se_placement"),
                    "unpruned": study_variant(Path(tmp), "se_placement", "se_placement_unpruned",
                                               pruner={"name": "none"})}
-        for kind, path in studies.items():
-            study = run_search(str(path), f"{tmp}/{kind}", "--dataset", "digits", "--trials",
-                               str(PRUNING_TRIALS)).study
-            trials = study.get_trials()
-            runs[kind] = {"epochs": sum(t.user_attrs.get("epochs_run", 0) for t in trials),
-                          "hypervolume": hypervolume(trials, ["val_accuracy", "flops"],
-                                                     study.user_attrs["reference_costs"]),
-                          "pruned": sum(t.state.name == "PRUNED" for t in trials),
-                          "best_val_accuracy": max((t.values[0] for t in trials if t.values), default=None)}
-    saved = 1 - runs["pruned"]["epochs"] / runs["unpruned"]["epochs"]
-    hv_ratio = runs["pruned"]["hypervolume"] / runs["unpruned"]["hypervolume"]
+        for seed in PRUNING_SEEDS:
+            for kind, path in studies.items():
+                study = run_search(str(path), f"{tmp}/{kind}-{seed}", "--dataset", "digits", "--trials",
+                                   str(PRUNING_TRIALS), "--seed", str(seed)).study
+                trials = study.get_trials()
+                runs[f"{kind}-seed{seed}"] = {
+                    "epochs": sum(t.user_attrs.get("epochs_run", 0) for t in trials),
+                    "hypervolume": hypervolume(trials, ["val_accuracy", "flops"], study.user_attrs["reference_costs"]),
+                    "pruned": sum(t.state.name == "PRUNED" for t in trials),
+                    "best_val_accuracy": max((t.values[0] for t in trials if t.values), default=None)}
+    per_seed = {}
+    for seed in PRUNING_SEEDS:
+        pruned_run, unpruned_run = runs[f"pruned-seed{seed}"], runs[f"unpruned-seed{seed}"]
+        per_seed[seed] = {"epochs_saved": 1 - pruned_run["epochs"] / unpruned_run["epochs"],
+                          "hypervolume_ratio": pruned_run["hypervolume"] / unpruned_run["hypervolume"]}
+    saved = 1 - (sum(runs[f"pruned-seed{s}"]["epochs"] for s in PRUNING_SEEDS)
+                 / sum(runs[f"unpruned-seed{s}"]["epochs"] for s in PRUNING_SEEDS))
+    hv_ratio = min(r["hypervolume_ratio"] for r in per_seed.values())
+    pruned = sum(runs[f"pruned-seed{s}"]["pruned"] for s in PRUNING_SEEDS)
     pruner = load_study("se_placement").pruner
-    return {"summary": f"{saved:.0%} epochs saved ({runs['pruned']['pruned']} of {PRUNING_TRIALS} trials pruned, "
-                       f"{pruner.name}), hypervolume {hv_ratio:.3f} of unpruned",
+    detail = ", ".join(f"seed {s}: {r['epochs_saved']:.0%} / {r['hypervolume_ratio']:.3f}" for s, r in per_seed.items())
+    return {"summary": f"{saved:.0%} epochs saved over seeds {list(PRUNING_SEEDS)} ({pruned} of "
+                       f"{PRUNING_TRIALS * len(PRUNING_SEEDS)} trials pruned, {pruner.name}), hypervolume at "
+                       f"least {hv_ratio:.3f} of unpruned ({detail})",
             "target": ">= 40% epochs saved, hypervolume within 2%", "met": saved >= 0.4 and hv_ratio >= 0.98,
-            "runs": runs, "epochs_saved": saved, "hypervolume_ratio": hv_ratio, "pruner": pruner.name,
-            "pruner_options": dict(pruner.options)}
+            "runs": runs, "per_seed": per_seed, "epochs_saved": saved, "hypervolume_ratio": hv_ratio,
+            "pruner": pruner.name, "pruner_options": dict(pruner.options)}

@@ -15,6 +15,7 @@ need 1.6 trials/s. Writes its rows to ``benchmarks/results/`` and the table in b
 from __future__ import annotations
 
 import argparse
+import functools
 import multiprocessing as mp
 import os
 import socket
@@ -25,7 +26,9 @@ from typing import Any
 
 import optuna
 
+from search.pruning import MultiObjectivePruner
 from search.storage import masked, open_storage
+from search.study_config import load_study
 from search.trial_writes import batched_writes, set_user_attrs
 
 __all__ = ["DEFAULT_URLS", "measure", "storage_trial", "summarize"]
@@ -36,14 +39,20 @@ DEFAULT_URLS = {
 }
 STAGES = 3
 EPOCHS = 5
-PROMOTION_STEPS = (1, 3)  # se_placement's successive halving (min_resource 1, reduction_factor 3)
 # 4 GPUs running 4 trials each, each trial 10 s (se_placement's target), finish 1.6 trials/s.
 TARGET_TRIALS_PER_S = 2.0
 COUNTED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.RUNNING)
 
 
+@functools.cache
+def _flagship_pruner() -> MultiObjectivePruner:
+    pruner = load_study("se_placement").pruner
+    return MultiObjectivePruner(pruner.name, pruner.options, pruner.pareto_aware)
+
+
 def storage_trial(study: optuna.Study, epochs: int = EPOCHS) -> int:
     """One trial's storage traffic as a worker makes it, without the training. Returns the trial number."""
+    pruner_reads = _flagship_pruner().reads_trials_at
     optuna.storages.fail_stale_trials(study)
     study.get_trials(deepcopy=False)  # the budget check (search.worker.Budget)
     trial = study.ask()
@@ -61,7 +70,7 @@ def storage_trial(study: optuna.Study, epochs: int = EPOCHS) -> int:
         curve.append(0.5 + epoch / 100)
         if epoch == 0:  # later epochs are written only every CURVE_WRITE_INTERVAL_S: never in a fast trial
             trial.set_user_attr("val_accuracy_curve", curve)
-        if epoch in PROMOTION_STEPS:  # successive halving reads the finished trials at its rungs only
+        if pruner_reads(epoch):  # se_placement's successive halving reads the finished trials at its rungs only
             study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
         study._storage.record_heartbeat(trial._trial_id)
     set_user_attrs(trial, {"epochs_run": epochs, "train_seconds": 0.0, "val_accuracy_curve": curve,

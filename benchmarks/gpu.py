@@ -91,7 +91,6 @@ def trial_profile(args: argparse.Namespace) -> dict[str, Any]:
             "top_kernels": table}
 
 
-# Recipe variants tried around the study's own (informational: which lever buys the accuracy target 1 asks).
 # Variants tried around the study's default trial (informational: which lever buys target 1's accuracy for
 # the least time). Keys are TrainingRecipe fields, plus ``width`` (the backbone's width multiplier: airbench,
 # the fastest public CIFAR-10 trainer, uses about half fastnet's widths).

@@ -34,7 +34,7 @@ CPU: Registry[Benchmark] = Registry("benchmark")
 GPU: Registry[Benchmark] = Registry("benchmark")
 
 DIGITS_STUDY = """
-description: benchmark study on digits (resnet20 at half width)
+description: benchmark study on digits (resnet20 at a given width)
 backbone: resnet20
 data: {{dataset: digits, val_size: 0.2, image_size: {size}}}
 training: {{epochs: {epochs}, batch_size: 128, lr: 0.1}}

@@ -6,12 +6,13 @@ import json
 import os
 import platform
 import socket
-import subprocess
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from search.study_store import git_revision
 
 __all__ = ["RESULTS_DIR", "machine", "refresh", "render_table", "write_results"]
 
@@ -34,12 +35,9 @@ def machine() -> dict[str, Any]:
 
 
 def _commit() -> str:
-    """HEAD's short hash; ``SE_SEARCH_COMMIT`` names it where the tree runs without its git history (a copy
-    sent to a GPU machine)."""
-    if os.environ.get("SE_SEARCH_COMMIT"):
-        return os.environ["SE_SEARCH_COMMIT"]
-    out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True, check=False)
-    return out.stdout.strip() or "unknown"
+    """HEAD's short hash (``+dirty`` when the measured tree had uncommitted changes); ``SE_SEARCH_COMMIT``
+    names it where the tree runs without its git history (a copy sent to a GPU machine)."""
+    return os.environ.get("SE_SEARCH_COMMIT") or git_revision(short=True)
 
 
 def write_results(results: list[dict[str, Any]], path: Path | None = None) -> Path:

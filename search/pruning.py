@@ -11,8 +11,9 @@ is never pruned for being worse than networks that cost more.
 
 from __future__ import annotations
 
+import itertools
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import optuna
@@ -58,6 +59,15 @@ def make_pruner(name: str, options: Mapping[str, Any]) -> optuna.pruners.BasePru
         raise ValueError(f"pruner.options: {e}") from None
 
 
+def _promotion_steps(pruner: optuna.pruners.SuccessiveHalvingPruner, min_resource: int) -> Iterator[int]:
+    """Successive halving's rung promotion steps in order, by Optuna's formula
+    (``min_resource * reduction_factor ** (min_early_stopping_rate + rung)``)."""
+    rung = 0
+    while True:
+        yield min_resource * pruner._reduction_factor ** (pruner._min_early_stopping_rate + rung)
+        rung += 1
+
+
 def _rung_attrs(pruner: optuna.pruners.BasePruner, curve: Sequence[float], upto: int) -> dict[str, float]:
     """Successive halving's ``completed_rung_k`` attributes a trial with ``curve`` wrote at steps below
     ``upto`` (step = epoch index from 0).
@@ -68,13 +78,8 @@ def _rung_attrs(pruner: optuna.pruners.BasePruner, curve: Sequence[float], upto:
     if not isinstance(pruner, optuna.pruners.SuccessiveHalvingPruner):
         return {}
     min_resource = pruner._min_resource if isinstance(pruner._min_resource, int) else 1
-    attrs, rung = {}, 0
-    while True:
-        step = min_resource * pruner._reduction_factor ** (pruner._min_early_stopping_rate + rung)
-        if step >= upto or step >= len(curve):
-            return attrs
-        attrs[f"completed_rung_{rung}"] = curve[step]
-        rung += 1
+    steps = itertools.takewhile(lambda step: step < min(upto, len(curve)), _promotion_steps(pruner, min_resource))
+    return {f"completed_rung_{rung}": curve[step] for rung, step in enumerate(steps)}
 
 
 def shadow_should_prune(
@@ -109,18 +114,13 @@ def shadow_should_prune(
 def _decision_steps(pruner: optuna.pruners.BasePruner) -> Callable[[int], bool]:
     """Whether ``pruner`` can prune at a step, known without the other trials where the rule says so.
 
-    Successive halving compares a trial only at its rungs' promotion steps (``min_resource * rf**k``,
-    Optuna's own formula); at every other step its ``prune`` returns False before reading the study. Knowing
-    that here spares the storage a read of every finished trial at most epochs. Other pruners: every step."""
+    Successive halving compares a trial only at its rungs' promotion steps; at every other step its
+    ``prune`` returns False before reading the study. Knowing that here spares the storage a read of every
+    finished trial at most epochs. Other pruners (and successive halving with ``min_resource: auto``): every
+    step."""
     if isinstance(pruner, optuna.pruners.SuccessiveHalvingPruner) and isinstance(pruner._min_resource, int):
-        first = pruner._min_resource * pruner._reduction_factor ** pruner._min_early_stopping_rate
-
-        def at_promotion_step(step: int) -> bool:
-            while step > first and step % pruner._reduction_factor == 0:
-                step //= pruner._reduction_factor
-            return step == first
-
-        return at_promotion_step
+        min_resource = pruner._min_resource
+        return lambda step: step in itertools.takewhile(lambda s: s <= step, _promotion_steps(pruner, min_resource))
     return lambda step: True
 
 
@@ -136,9 +136,13 @@ class MultiObjectivePruner:
         self.name, self.options, self.pareto_aware = name, dict(options), pareto_aware
         self._decision_steps = _decision_steps(make_pruner(name, options))  # also validates the options now
 
+    def reads_trials_at(self, step: int) -> bool:
+        """Whether a decision at ``step`` reads the finished trials (the pruner can compare there)."""
+        return self.name != "none" and self._decision_steps(step)
+
     def should_prune(self, trial: optuna.Trial, curve: Sequence[float], own_flops: float | None = None) -> bool:
         """``own_flops``: the trial's FLOPs if the caller knows them (saves a storage read per epoch)."""
-        if self.name == "none" or not self._decision_steps(len(curve) - 1):
+        if not self.reads_trials_at(len(curve) - 1):
             return False  # the pruner would not compare at this step: no need to read the other trials
         if own_flops is None:
             own_flops = trial.user_attrs.get(FLOPS_ATTR)

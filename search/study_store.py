@@ -25,6 +25,7 @@ __all__ = [
     "HASH_ATTR",
     "create_or_load_study",
     "default_study_name",
+    "git_revision",
     "load_existing_study",
     "make_sampler_for",
     "provenance",
@@ -52,8 +53,9 @@ def _git(*args: str) -> str:
     return out.stdout.strip()
 
 
-def _git_revision() -> str:
-    rev = _git("rev-parse", "HEAD") or "unknown"
+def git_revision(short: bool = False) -> str:
+    """This checkout's commit, with ``+dirty`` when the tree has uncommitted changes ("unknown" outside git)."""
+    rev = _git("rev-parse", *(["--short"] if short else []), "HEAD") or "unknown"
     return f"{rev}+dirty" if rev != "unknown" and _git("status", "--porcelain") else rev
 
 
@@ -66,7 +68,7 @@ def provenance() -> dict[str, object]:
             versions[name] = None
     return {
         "versions": versions,
-        "git_revision": _git_revision(),
+        "git_revision": git_revision(),
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
 

@@ -97,3 +97,19 @@ def test_steady_rate_counts_complete_trials_between_first_start_and_last_end() -
     trials = [trial(0, 10, optuna.trial.TrialState.COMPLETE), trial(5, 30, optuna.trial.TrialState.COMPLETE),
               trial(1, 100, optuna.trial.TrialState.FAIL)]
     assert gpu._trials_per_hour(trials) == pytest.approx(2 / 30 * 3600)
+
+
+def test_storage_share_times_the_workers_real_loop(tmp_path: Path) -> None:
+    """``storage_share`` runs ``run_worker`` itself on a fresh SQLite study: the trials it asked for are
+    there, and the timed storage work is a real, small part of the worker's time."""
+    from benchmarks.cpu import _worker_storage_share
+    from search.data import prepare_datamodule
+    from search.study_config import load_study
+    from tests.search.helpers import tiny_study
+
+    study = tiny_study(tmp_path)
+    url = f"sqlite:///{tmp_path / 'share.db'}"
+    share = _worker_storage_share(url, str(study), {}, prepare_datamodule(load_study(str(study))), trials=2)
+    assert 0.0 < share < 0.5
+    (stored,) = optuna.get_all_study_summaries(url)
+    assert stored.n_trials == 2

@@ -3,10 +3,12 @@ while that server refreshes its plots every second (made once for the whole pack
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -110,15 +112,23 @@ class EngineRun:
         return optuna.load_study(study_name=self.study_name, storage=self.storage_url)
 
 
+def _has_study(db: Path, name: str) -> bool:
+    """Read-only look: opening an Optuna storage here would create its tables, racing the engine that is
+    creating them in the same new file ("table ... already exists")."""
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=60)) as conn:
+            return conn.execute("SELECT 1 FROM studies WHERE study_name = ?", (name,)).fetchone() is not None
+    except sqlite3.OperationalError:  # no tables yet
+        return False
+
+
 def _wait_for_study(db: Path, engine: subprocess.Popen, log: Path, timeout: float = 600) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if engine.poll() is not None:
             return  # finished (or failed) before we looked: the caller checks its exit code
-        if db.exists():
-            storage = optuna.storages.RDBStorage(f"sqlite:///{db}", engine_kwargs={"connect_args": {"timeout": 60}})
-            if any(s.study_name == ENGINE_STUDY_NAME for s in optuna.get_all_study_summaries(storage, False)):
-                return
+        if db.exists() and _has_study(db, ENGINE_STUDY_NAME):
+            return
         time.sleep(0.5)
     engine.kill()
     pytest.fail(f"the engine created no study within {timeout}s:\n{log.read_text()[-3000:]}")

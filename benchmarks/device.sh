@@ -5,36 +5,44 @@
 #   bash benchmarks/device.sh [BUDGET_SECONDS [BENCHMARK...]]     (default: 480 s, every GPU benchmark)
 #
 # whole_study, if named, runs last and gets whatever time the others left (its result then records the pace
-# if it could not finish); everything else runs first in one process, results written after each.
+# if it could not finish); everything else runs first in one process, results written after each, straight
+# into $OUT.
+#
+# Environment: OUT (results; default /tmp/bench-out), BENCH_WORK (scratch for the wheels' install, the
+# unpacked data and the decoded-data cache; default /tmp), DRY_RUN=1 (run the same steps with the
+# benchmarks' --dry-run: on the CPU, at toy size; the test suite does this, tests/benchmarks/test_device.py).
 set -uo pipefail
 budget=${1:-480}
 shift || true
 names=("$@")
 ((${#names[@]})) || names=(trial_speed overhead_gpu trial_profile recipe_sweep full_devices whole_study)
 out=${OUT:-/tmp/bench-out}
+work=${BENCH_WORK:-/tmp}
+dry=()
+[[ ${DRY_RUN:-0} == 1 ]] && dry=(--dry-run)
 mkdir -p "$out"
-touch /tmp/bench-start
 left() { echo $((budget - SECONDS)); }
 bench() {  # bench SECONDS ARGS...: one benchmarks.run invocation, interrupted (results kept) after SECONDS
   local limit=$1
   shift
-  timeout --signal=INT --kill-after=20 "$limit" python3 -m benchmarks.run --gpu --data-dir /tmp/cifar10-jpeg "$@"
+  timeout --signal=INT --kill-after=20 "$limit" python3 -m benchmarks.run --gpu "${dry[@]}" \
+    --data-dir "$work/cifar10-jpeg" --results-dir "$out" "$@"
 }
 
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-  || exit 1
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 SE_SEARCH_CACHE_DIR=/tmp/se-cache
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$work/site" \
+  .whl/*.whl || exit 1
+export PYTHONPATH=$work/site:$PWD PYTHONUNBUFFERED=1 SE_SEARCH_CACHE_DIR=$work/se-cache
 SE_SEARCH_COMMIT=${SE_SEARCH_COMMIT:-$(cat .devdata/commit 2>/dev/null)}
 export SE_SEARCH_COMMIT
 # The packed tree (../shared/tools/jpeg_tree_blob.py's format; ../shared does not travel): bytes + offsets.
-python3 - <<'PY' || exit 1
-import numpy as np, pathlib
+python3 - "$work/cifar10-jpeg" <<'PY' || exit 1
+import numpy as np, pathlib, sys
 z = np.load(".devdata/cifar10-jpeg.npz"); data, off, paths = z["data"], z["offsets"], z["paths"]
 for i, p in enumerate(paths):
-    f = pathlib.Path("/tmp/cifar10-jpeg") / p.decode(); f.parent.mkdir(parents=True, exist_ok=True)
+    f = pathlib.Path(sys.argv[1]) / p.decode(); f.parent.mkdir(parents=True, exist_ok=True)
     f.write_bytes(data[off[i]:off[i + 1]].tobytes())
 PY
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || ((${#dry[@]})) || exit 1
 python3 -c "import torch, pytorch_lightning, optuna; print('torch', torch.__version__, 'lightning',
 pytorch_lightning.__version__, 'optuna', optuna.__version__)" || exit 1
 echo "set-up done at ${SECONDS}s"
@@ -50,5 +58,4 @@ fi
 if ((study && $(left) > 90)); then
   bench $(($(left) - 10)) --only whole_study --study-seconds $(($(left) - 45))
 fi
-find benchmarks/results -name '*.json' -newer /tmp/bench-start -exec cp {} "$out"/ \;
 echo "done at ${SECONDS}s"

@@ -1,5 +1,9 @@
 """GPU benchmarks (targets 1, 2, 3 and 5 on one GPU, plus where a trial's time goes); run with
-``python -m benchmarks.run --gpu`` or, on a lent machine, ``benchmarks/device.sh``."""
+``python -m benchmarks.run --gpu`` or, on a lent machine, ``benchmarks/device.sh``.
+
+``python -m benchmarks.run --gpu --dry-run`` runs the same code on the CPU at toy size (``DRY``: one epoch,
+a few trials, whatever small image tree ``--data-dir`` names), so a broken GPU benchmark shows up here, in
+the test suite, and not in the few minutes a GPU machine is lent for."""
 
 from __future__ import annotations
 
@@ -12,23 +16,72 @@ from typing import Any
 
 import optuna
 import torch
+import yaml
 
 from benchmarks.baseline import hand_written_fit
 from benchmarks.harness import GPU, SearchRun, default_params, overhead, run_search, study_variant
 from lightning_modules import build_arch
 from search.data import prepare_datamodule
 from search.objective import Devices, TrialRunner
-from search.study_config import load_study
-
-# Where the GPU benchmarks train: module constants, so a dry run can point them at the CPU and digits.
-GPU_DEVICE = torch.device("cuda", 0)
-GPU_ARGS: tuple[str, ...] = ("--gpus", "0")
-FULL_DEVICES_TRIALS = {1: 8, 4: 16}  # K=4 runs 4 waves so each worker's one-off CUDA set-up is amortised
-FULL_DEVICES_EPOCHS = 4
+from search.study_config import find_study_file, load_study
 
 
-def _cifar_overrides(args: argparse.Namespace) -> dict[str, Any]:
-    return {"dataset": "imagefolder", "data_dir": args.data_dir}
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """Where the GPU benchmarks train and how much: the real plan (GPU 0, the study's own epochs) or the
+    dry run's (the CPU, everything cut to a few seconds)."""
+
+    device: torch.device
+    epochs: int | None  # every training cut to this many epochs; None: the study's and each variant's own
+    full_devices_trials: dict[int, int]  # workers per device -> trials of that run
+    full_devices_epochs: int
+    profile_epochs: int
+    study_flags: tuple[str, ...] = ()  # extra search.run flags for whole_study
+    batch_size: int | None = None  # every batch capped at this (the dry run's few hundred images); None: own
+
+    def workers(self, k: int) -> tuple[str, ...]:
+        """search.run flags for K workers on the device."""
+        if self.device.type == "cuda":
+            return ("--gpus", str(self.device.index or 0), "--trials-per-gpu", str(k))
+        return ("--workers", str(k))
+
+    def recipe(self, recipe: Any) -> Any:
+        return recipe.replace(epochs=self.epochs or recipe.epochs,
+                              batch_size=min(recipe.batch_size, self.batch_size or recipe.batch_size))
+
+
+# K=4 runs 4 waves so each worker's one-off CUDA set-up is amortised.
+GPU_PLAN = Plan(torch.device("cuda", 0), None, {1: 8, 4: 16}, full_devices_epochs=4, profile_epochs=2)
+DRY = Plan(torch.device("cpu"), 1, {1: 2, 4: 4}, full_devices_epochs=1, profile_epochs=1,
+           study_flags=("--trials", "4", "--epochs", "1"), batch_size=32)
+
+
+def _plan(args: argparse.Namespace) -> Plan:
+    return DRY if getattr(args, "dry_run", False) else GPU_PLAN
+
+
+_FLAGSHIP: dict[int, str] = {}
+
+
+def _flagship(args: argparse.Namespace) -> str:
+    """The study every GPU benchmark trains: se_placement, or under a plan that caps the batch size a copy of
+    it with that batch size (written once per process)."""
+    plan = _plan(args)
+    if plan.batch_size is None:
+        return "se_placement"
+    if plan.batch_size not in _FLAGSHIP:
+        training = yaml.safe_load(find_study_file("se_placement").read_text())["training"]
+        tmp = Path(tempfile.mkdtemp(prefix="bench-study-"))
+        path = study_variant(tmp, "se_placement", "se_placement",
+                             training={**training, "batch_size": plan.batch_size})
+        _FLAGSHIP[plan.batch_size] = str(path)
+    return _FLAGSHIP[plan.batch_size]
+
+
+def _cifar_overrides(args: argparse.Namespace, epochs: int | None = None) -> dict[str, Any]:
+    overrides: dict[str, Any] = {"dataset": "imagefolder", "data_dir": args.data_dir}
+    epochs = _plan(args).epochs or epochs
+    return overrides | ({"epochs": epochs} if epochs else {})
 
 
 _GPU_OVERHEAD: dict[str, dict[str, Any]] = {}
@@ -38,7 +91,7 @@ def _gpu_overhead(args: argparse.Namespace) -> dict[str, Any]:
     """se_placement's default trial on CIFAR-10, platform vs hand loop, run once per process and shared by
     ``overhead_gpu`` and ``trial_speed`` (the same trials answer both)."""
     if "run" not in _GPU_OVERHEAD:
-        _GPU_OVERHEAD["run"] = overhead(args, "se_placement", _cifar_overrides(args), GPU_DEVICE)
+        _GPU_OVERHEAD["run"] = overhead(args, _flagship(args), _cifar_overrides(args), _plan(args).device)
     return _GPU_OVERHEAD["run"]
 
 
@@ -50,11 +103,13 @@ def trial_speed(args: argparse.Namespace) -> dict[str, Any]:
     result = _gpu_overhead(args)
     fastest = min(range(len(result["platform_seconds"])), key=result["platform_seconds"].__getitem__)
     seconds, acc = result["platform_seconds"][fastest], result["platform_test_accuracy"][fastest]
-    return {"summary": f"{seconds:.1f} s to test accuracy {acc:.4f} (first trial of the process "
+    # The shared run's own summary, target and verdict are overhead_gpu's: this benchmark's come after them.
+    return {**result,
+            "summary": f"{seconds:.1f} s to test accuracy {acc:.4f} (first trial of the process "
                        f"{result['platform_seconds'][0]:.1f} s); hand loop {result['hand']['images_per_second']:.0f}"
                        " images/s",
             "target": ">= 90% test accuracy in <= 10 s", "met": acc >= 0.90 and seconds <= 10, "seconds": seconds,
-            "test_accuracy": acc, **result}
+            "test_accuracy": acc}
 
 
 @GPU.register("overhead_gpu")
@@ -69,14 +124,16 @@ def trial_profile(args: argparse.Namespace) -> dict[str, Any]:
     with SE, and the top GPU kernels of one profiled epoch. Informational: no target of its own."""
     from torch.profiler import ProfilerActivity, profile
 
-    cfg = load_study("se_placement", **_cifar_overrides(args), epochs=2)
+    plan = _plan(args)
+    cfg = load_study(_flagship(args), **_cifar_overrides(args, epochs=plan.profile_epochs))
     dm = prepare_datamodule(cfg)
-    device = GPU_DEVICE
+    device = plan.device
     design = TrialRunner(cfg, dm, Devices("gpu", 1)).design(optuna.trial.FixedTrial(default_params(cfg)))
     plain = dataclasses.replace(design.arch, placements=("none",) * len(design.arch.placements))
     runs = {name: hand_written_fit(arch, design.recipe, dm, device, seed=0)
             for name, arch in (("warm-up", plain), ("none", plain), ("standard", design.arch))}
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
         hand_written_fit(design.arch, design.recipe.replace(epochs=1), dm, device, seed=0)
     events = prof.key_averages()
     device_us = sum(getattr(e, "self_device_time_total", 0) for e in events)
@@ -105,11 +162,12 @@ RECIPE_VARIANTS: list[dict[str, Any]] = [{}, {"lr": 0.4}, {"label_smoothing": 0.
 def recipe_sweep(args: argparse.Namespace) -> dict[str, Any]:
     """The default trial's test accuracy and time under recipe and width variants (hand loop, seed 0).
     Informational: no target of its own."""
-    cfg = load_study("se_placement", **_cifar_overrides(args))
+    plan = _plan(args)
+    cfg = load_study(_flagship(args), **_cifar_overrides(args))
     dm = prepare_datamodule(cfg)
     params = default_params(cfg)
     design = TrialRunner(cfg, dm, Devices("gpu", 1)).design(optuna.trial.FixedTrial(params))
-    hand_written_fit(design.arch, design.recipe.replace(epochs=1), dm, GPU_DEVICE, seed=0)  # warm-up
+    hand_written_fit(design.arch, design.recipe.replace(epochs=1), dm, plan.device, seed=0)  # warm-up
     rows = []
     for change in RECIPE_VARIANTS:
         recipe_changes = {k: v for k, v in change.items() if k != "width"}
@@ -118,7 +176,8 @@ def recipe_sweep(args: argparse.Namespace) -> dict[str, Any]:
             arch = build_arch(cfg.backbone, placement=design.arch.placements, reduction=design.arch.reductions,
                               pooling=design.arch.poolings, num_classes=dm.num_classes, image_size=dm.image_size,
                               in_channels=dm.in_channels, width_multiplier=change["width"])
-        r = hand_written_fit(arch, design.recipe.replace(**recipe_changes), dm, GPU_DEVICE, seed=0)
+        recipe = plan.recipe(design.recipe.replace(**recipe_changes))
+        r = hand_written_fit(arch, recipe, dm, plan.device, seed=0)
         rows.append({"change": change, "seconds": r["seconds"], "test_accuracy": r["test_accuracy"],
                      "val_accuracy": r["val_accuracy"], "images_per_second": r["images_per_second"]})
     return {"summary": "; ".join(f"{json.dumps(r['change']) if r['change'] else 'study recipe'}: "
@@ -126,11 +185,12 @@ def recipe_sweep(args: argparse.Namespace) -> dict[str, Any]:
             "target": "informational", "met": None, "variants": rows}
 
 
-def _run_study(args: argparse.Namespace, study: str, runs_dir: str, *flags: str,
+def _run_study(args: argparse.Namespace, study: str, runs_dir: str, workers: int, *flags: str,
                timeout: float | None = None) -> SearchRun:
-    """``search.run`` on GPU 0 with the CIFAR-10 copy (``harness.run_search``)."""
+    """``search.run`` with ``workers`` workers on the plan's device and the CIFAR-10 copy
+    (``harness.run_search``)."""
     data = [f"--{key.replace('_', '-')}={value}" for key, value in _cifar_overrides(args).items()]
-    return run_search(study, runs_dir, *data, *GPU_ARGS, *flags, timeout=timeout)
+    return run_search(study, runs_dir, *data, *_plan(args).workers(workers), *flags, timeout=timeout)
 
 
 def _trials_per_hour(trials: list[optuna.trial.FrozenTrial]) -> float:
@@ -149,14 +209,15 @@ def full_devices(args: argparse.Namespace) -> dict[str, Any]:
     and its accuracy must agree between them within seed noise (the spread across the seeds)."""
     import statistics
 
+    plan = _plan(args)
     rates, accuracy = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
-        study = study_variant(Path(tmp), "se_placement", "fixed_arch", pruner={"name": "none"},
+        study = study_variant(Path(tmp), _flagship(args), "fixed_arch", pruner={"name": "none"},
                                description="fixed architecture for the --trials-per-gpu benchmark",
                                search_space={"placement": ["standard"], "reduction": [16], "pooling": ["avg"]})
-        for k, n in FULL_DEVICES_TRIALS.items():
-            trials = _run_study(args, str(study), f"{tmp}/k{k}", "--trials", str(n), "--epochs",
-                                str(FULL_DEVICES_EPOCHS), "--trials-per-gpu", str(k)).trials
+        for k, n in plan.full_devices_trials.items():
+            trials = _run_study(args, str(study), f"{tmp}/k{k}", k, "--trials", str(n), "--epochs",
+                                str(plan.full_devices_epochs)).trials
             rates[k] = _trials_per_hour(trials)
             accuracy[k] = {t.number: t.user_attrs["test_accuracy"] for t in trials
                            if t.state == optuna.trial.TrialState.COMPLETE}
@@ -178,7 +239,7 @@ def whole_study(args: argparse.Namespace) -> dict[str, Any]:
     user runs it, data cache already built. Stopped at ``--study-seconds``; then the count finished is
     recorded."""
     with tempfile.TemporaryDirectory() as tmp:
-        run = _run_study(args, "se_placement", tmp, "--trials-per-gpu", str(args.trials_per_gpu),
+        run = _run_study(args, _flagship(args), tmp, args.trials_per_gpu, *_plan(args).study_flags,
                          timeout=args.study_seconds)
         trials, seconds, finished = run.trials, run.seconds, run.finished
     states = [t.state.name for t in trials]

@@ -40,24 +40,29 @@ def _commit() -> str:
     return os.environ.get("SE_SEARCH_COMMIT") or git_revision(short=True)
 
 
-def write_results(results: list[dict[str, Any]], path: Path | None = None) -> Path:
-    """Write this run's JSON file (a new one, or ``path`` again as the run adds results) and refresh the
-    README table from every stored run."""
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+def write_results(results: list[dict[str, Any]], path: Path | None = None, directory: Path | None = None,
+                  **tags: Any) -> Path:
+    """Write this run's JSON file (a new one in ``directory``, default ``RESULTS_DIR``, or ``path`` again as
+    the run adds results; ``tags`` go into it as they are) and, for ``RESULTS_DIR``, refresh the README
+    table from every stored run."""
+    directory = directory or RESULTS_DIR
+    directory.mkdir(parents=True, exist_ok=True)
     info = machine()
     stamp = datetime.now(timezone.utc)
     tag = "gpu-" + info["gpu"].replace(" ", "_") if info["gpu"] else "cpu"
-    path = path or RESULTS_DIR / f"{stamp:%Y%m%dT%H%M%S}-{tag}.json"
-    payload = {"date": stamp.isoformat(timespec="seconds"), "commit": _commit(), "machine": info, "results": results}
+    path = path or directory / f"{stamp:%Y%m%dT%H%M%S}-{tag}.json"
+    payload = {"date": stamp.isoformat(timespec="seconds"), "commit": _commit(), "machine": info, **tags,
+               "results": results}
     path.write_text(json.dumps(payload, indent=2) + "\n")
-    refresh()
+    if directory == RESULTS_DIR:
+        refresh()
     return path
 
 
 def refresh() -> None:
     """Rebuild README.md's results table from every JSON file in ``results/`` (also ones copied back from
     another machine)."""
-    runs = [json.loads(p.read_text()) for p in sorted(RESULTS_DIR.glob("*.json"))]
+    runs = [run for p in sorted(RESULTS_DIR.glob("*.json")) if not (run := json.loads(p.read_text())).get("dry_run")]
     table = render_table(runs)
     text = README.read_text() if README.exists() else f"# Benchmarks\n\n{BEGIN}\n{END}\n"
     head, _, rest = text.partition(BEGIN)

@@ -2,20 +2,25 @@
 
 Each benchmark returns a dict with ``name``, ``summary``, ``target``, ``met`` and its raw numbers; the run
 is written to ``benchmarks/results/<date>-<device>.json`` and the table in ``benchmarks/README.md`` is
-rebuilt from every stored run. CPU benchmarks run everywhere; ``--gpu`` adds the GPU ones.
+rebuilt from every stored run. CPU benchmarks run everywhere; ``--gpu`` adds the GPU ones; ``--gpu
+--dry-run`` runs only the GPU ones, on the CPU at toy size, to check them before a GPU machine is used. The
+exit status is 1 when a benchmark broke (its error is recorded with the others' results).
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
+from pathlib import Path
 from typing import Any
 
 import optuna
 
 from benchmarks import cpu, gpu  # noqa: F401  (importing registers the benchmarks)
 from benchmarks.harness import CPU, GPU, SHARED_CIFAR
-from benchmarks.record import write_results
+from benchmarks.record import RESULTS_DIR, write_results
+from search.errors import at_least
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -23,12 +28,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gpu", action="store_true", help="also run the GPU benchmarks")
     parser.add_argument("--only", action="append", help="run only this benchmark (repeatable)")
     parser.add_argument("--data-dir", default=str(SHARED_CIFAR), help="CIFAR-10 JPEG tree for the GPU benchmarks")
-    parser.add_argument("--repeats", type=int, default=3, help="alternating platform/hand-written pairs (min taken)")
-    parser.add_argument("--trials-per-gpu", type=int, default=4, help="workers on the GPU for whole_study")
+    parser.add_argument("--repeats", type=at_least(1), help="alternating platform/hand-written pairs, the fastest "
+                        "of each taken (default 3; 1 with --dry-run)")
+    parser.add_argument("--trials-per-gpu", type=at_least(1), default=4, help="workers on the GPU for whole_study")
     parser.add_argument("--study-seconds", type=float, default=900, help="whole_study is stopped after this")
+    parser.add_argument("--results-dir", type=Path, help=f"where the results JSON goes (default: {RESULTS_DIR}; "
+                        "only that one's results enter the README table)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="run (only) the GPU benchmarks' code on the CPU at toy size (one epoch, a few trials) to "
+                             "check them before a GPU run; results go to a new temporary directory unless "
+                             "--results-dir is given, and never into the README table")
     args = parser.parse_args(argv)
+    if args.dry_run and args.results_dir is None:
+        args.results_dir = Path(tempfile.mkdtemp(prefix="bench-dry-"))
+    if args.repeats is None:
+        args.repeats = 1 if args.dry_run else 3
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    registries = [CPU, GPU] if args.gpu else [CPU]
+    registries = [GPU] if args.dry_run else [CPU, GPU] if args.gpu else [CPU]
     chosen = [(name, reg.get(name)) for reg in registries for name in reg if not args.only or name in args.only]
     unknown = set(args.only or ()) - {n for n, _ in chosen}
     if unknown:
@@ -48,11 +64,13 @@ def main(argv: list[str] | None = None) -> int:
             result = {"name": name, "summary": f"error: {type(e).__name__}: {e}"[:300], "target": "-", "met": None}
         print(f"   {result['summary']}  (target {result['target']})", flush=True)
         results.append(result)
-        path = write_results(results, path)  # after every benchmark, so a cut-short run still leaves its results
+        # After every benchmark, so a cut-short run still leaves its results.
+        path = write_results(results, path, args.results_dir, **({"dry_run": True} if args.dry_run else {}))
         if stop:
             break
     print(f"results: {path}")
-    return 0
+    # Non-zero when a benchmark broke, so a dry run (or a script) can tell; its error is in the results.
+    return 1 if any(r["summary"].startswith("error:") for r in results) else 0
 
 
 if __name__ == "__main__":

@@ -114,16 +114,22 @@ OPTIMIZERS.register("sgd")(
 OPTIMIZERS.register("adamw")(lambda model, r: torch.optim.AdamW(_param_groups(model, r.weight_decay), lr=r.lr))
 
 SCHEDULES: Registry[Any] = Registry("schedule")
-SCHEDULES.register("onecycle")(
-    lambda opt, r, steps: torch.optim.lr_scheduler.OneCycleLR(
-        opt,
-        max_lr=r.lr,
-        total_steps=steps,
-        pct_start=r.warmup_fraction,
-        anneal_strategy="linear",
-        cycle_momentum=False,
+
+
+@SCHEDULES.register("onecycle")
+def _one_cycle(opt: torch.optim.Optimizer, r: TrainingRecipe, steps: int) -> torch.optim.lr_scheduler.OneCycleLR:
+    """Linear warm-up over ``warmup_fraction`` of the steps, then linear decay (no momentum cycling)."""
+    warmup = r.warmup_fraction
+    # torch divides by the warm-up's length in steps less one, so a warm-up of exactly one step (0.2 of a
+    # 5-step run: a small split for one epoch) fails with ZeroDivisionError; make it two steps (none when the
+    # whole run is two steps or fewer).
+    if math.isclose(warmup * steps, 1.0):
+        warmup = 2 / steps if steps > 2 else 0.0
+    return torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=r.lr, total_steps=steps, pct_start=warmup, anneal_strategy="linear", cycle_momentum=False
     )
-)
+
+
 SCHEDULES.register("cosine")(lambda opt, r, steps: torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps))
 SCHEDULES.register("constant")(lambda opt, r, steps: torch.optim.lr_scheduler.ConstantLR(opt, factor=1.0))
 

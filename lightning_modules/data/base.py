@@ -22,15 +22,7 @@ from lightning_modules.data.augment import default_padding
 from lightning_modules.data.config import DataConfig, default_cache_root, default_data_root
 from lightning_modules.data.errors import DataError
 from lightning_modules.data.loader import DeviceBatchLoader
-from lightning_modules.data.splits import (
-    CARVED_TEST_FROM,
-    REPORT_SPLIT,
-    SELECTION_SPLIT,
-    TEST_FRACTION,
-    TEST_SPLIT_SEED,
-    split_count,
-    stratified_split,
-)
+from lightning_modules.data.splits import REPORT_SPLIT, SELECTION_SPLIT, split_indices
 
 __all__ = [
     "FAST_PATH_MAX_SIZE",
@@ -266,20 +258,13 @@ class ArrayDataModule(pl.LightningDataModule):
         if size > FAST_PATH_MAX_SIZE:
             raise DataError(f"{what}: image size {size} is above the fast path's {FAST_PATH_MAX_SIZE}; "
                             f"pass image_size <= {FAST_PATH_MAX_SIZE}")
-        labels = train_pool[1]
-        if src.test_images is None or src.test_labels is None:
-            n_test = split_count(TEST_FRACTION, len(labels), f"{what} test split")
-            rest, test_idx = stratified_split(labels, n_test, TEST_SPLIT_SEED)
-            pools = {"train": train_pool}
-            test_pool, test_from = "train", CARVED_TEST_FROM
-        else:
-            rest = np.arange(len(labels))
-            test_idx = np.arange(len(src.test_labels))
-            pools = {"train": train_pool, "test": (src.test_images, src.test_labels.astype(np.int64))}
-            test_pool, test_from = "test", "the source's test set"
-        n_val = split_count(self.cfg.val_size, len(rest), f"{what} val_size")
-        train_pos, val_pos = stratified_split(labels[rest], n_val, self.cfg.split_seed)
-        indices = {"train": rest[train_pos], "val": rest[val_pos], "test": test_idx}
+        pools = {"train": train_pool}
+        has_test = src.test_images is not None and src.test_labels is not None
+        if has_test:
+            pools["test"] = (src.test_images, src.test_labels.astype(np.int64))
+        test_pool = "test" if has_test else "train"
+        indices, test_from = split_indices(train_pool[1], self.cfg.val_size, self.cfg.split_seed,
+                                           len(pools["test"][1]) if has_test else None, what)
         sums = src.train_pixel_sums if src.train_pixel_sums is not None else pixel_sums(src.train_images)
         mean, std = channel_stats(sums[indices["train"]], h * w)
         info = {

@@ -24,15 +24,7 @@ from lightning_modules.data.cache import source_key
 from lightning_modules.data.config import DataConfig
 from lightning_modules.data.decode import check_images
 from lightning_modules.data.errors import DataError
-from lightning_modules.data.splits import (
-    CARVED_TEST_FROM,
-    REPORT_SPLIT,
-    SELECTION_SPLIT,
-    TEST_FRACTION,
-    TEST_SPLIT_SEED,
-    split_count,
-    stratified_split,
-)
+from lightning_modules.data.splits import REPORT_SPLIT, SELECTION_SPLIT, split_indices
 
 if TYPE_CHECKING:
     from lightning_modules.data.imagefolder import FolderTree
@@ -82,24 +74,13 @@ class FolderLoaders:
         self.image_size = cfg.image_size or DEFAULT_LARGE_IMAGE_SIZE
         labels = tree.labels("train")
         paths = tree.paths("train")
-        if tree.test is None:
-            n_test = split_count(TEST_FRACTION, len(labels), "imagefolder test split")
-            pool_idx, test_idx = stratified_split(labels, n_test, TEST_SPLIT_SEED)
-            test = [(paths[i], int(labels[i])) for i in test_idx]
-            self.test_from = CARVED_TEST_FROM
-        else:
-            pool_idx = np.arange(len(labels))
-            test_idx = np.arange(len(tree.test))
-            test = list(zip(tree.paths("test"), tree.labels("test").tolist(), strict=True))
-            self.test_from = "the source's test set"
-        n_val = split_count(cfg.val_size, len(pool_idx), "imagefolder val_size")
-        train_i, val_i = stratified_split(labels[pool_idx], n_val, cfg.split_seed)
-        self.indices = {"train": pool_idx[train_i], "val": pool_idx[val_i], "test": test_idx}
-        self.samples = {
-            "train": [(paths[i], int(labels[i])) for i in self.indices["train"]],
-            "val": [(paths[i], int(labels[i])) for i in self.indices["val"]],
-            "test": test,
-        }
+        self.indices, self.test_from = split_indices(labels, cfg.val_size, cfg.split_seed,
+                                                     None if tree.test is None else len(tree.test),
+                                                     "imagefolder")
+        self.samples = {split: [(paths[i], int(labels[i])) for i in self.indices[split]] for split in ("train", "val")}
+        self.samples["test"] = (
+            [(paths[i], int(labels[i])) for i in self.indices["test"]] if tree.test is None
+            else list(zip(tree.paths("test"), tree.labels("test").tolist(), strict=True)))
         key = source_key(tree.stats, "folder", self.image_size, cfg.split_seed, cfg.val_size)
         self.stats_file = cache_root / f"imagefolder-{tree.root.name}-{key[:24]}.stats.json"
         self.mean, self.std = self._checked_stats()

@@ -18,6 +18,7 @@ __all__ = [
     "TEST_FRACTION",
     "TEST_SPLIT_SEED",
     "split_count",
+    "split_indices",
     "stratified_split",
 ]
 
@@ -67,3 +68,21 @@ def stratified_split(labels: np.ndarray, count: int, seed: int) -> tuple[np.ndar
     mask = np.ones(len(labels), bool)
     mask[held_out] = False
     return np.flatnonzero(mask), held_out
+
+
+def split_indices(labels: np.ndarray, val_size: float | int, split_seed: int, test_count: int | None,
+                  what: str) -> tuple[dict[str, np.ndarray], str]:
+    """The train, val and test indices of a dataset whose training labels are ``labels`` and which has a
+    test set of ``test_count`` images (``None``: none, so ``TEST_FRACTION`` of the training data is carved
+    off as test first, with ``TEST_SPLIT_SEED``), and where the test indices point: ``"the source's test
+    set"`` or ``CARVED_TEST_FROM``. Validation is ``val_size`` of what is left, stratified, ``split_seed``."""
+    if test_count is None:
+        n_test = split_count(TEST_FRACTION, len(labels), f"{what} test split")
+        pool, test = stratified_split(labels, n_test, TEST_SPLIT_SEED)
+        test_from = CARVED_TEST_FROM
+    else:
+        pool, test = np.arange(len(labels)), np.arange(test_count)
+        test_from = "the source's test set"
+    n_val = split_count(val_size, len(pool), f"{what} val_size")
+    train, val = stratified_split(labels[pool], n_val, split_seed)
+    return {"train": pool[train], "val": pool[val], "test": test}, test_from

@@ -1,4 +1,4 @@
-"""SEClassifier's evaluation: flip test-time augmentation (``TrainingRecipe.tta``)."""
+"""SEClassifier's evaluation (flip test-time augmentation, ``TrainingRecipe.tta``) and its one-cycle schedule."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytorch_lightning as pl
 import torch
 
 from lightning_modules import ConfigError, build_arch
-from lightning_modules.classifier import TEST_ACCURACY, SEClassifier, TrainingRecipe, eval_logits
+from lightning_modules.classifier import SCHEDULES, TEST_ACCURACY, SEClassifier, TrainingRecipe, eval_logits
 from lightning_modules.data import CACHE_DIR_ENV, DATA_DIR_ENV, DataConfig, build_datamodule
 
 
@@ -20,6 +20,24 @@ def test_eval_logits_adds_the_mirrored_images_with_flip() -> None:
     assert torch.equal(eval_logits(net, x, "none"), net(x))
     assert torch.allclose(eval_logits(net, x, "flip"), net(x) + net(torch.flip(x, dims=[3])))
     assert not torch.allclose(eval_logits(net, x, "flip"), 2 * net(x))
+
+
+@pytest.mark.parametrize("steps", range(1, 13))
+@pytest.mark.parametrize("warmup", [0.1, 0.2, 0.5])
+def test_one_cycle_runs_every_step_of_short_runs(steps: int, warmup: float) -> None:
+    """Short runs (a small split for one epoch) put warm-up boundaries on single steps: 0.2 of 5 steps once
+    raised ZeroDivisionError inside torch's OneCycleLR."""
+    recipe = TrainingRecipe(lr=0.4, warmup_fraction=warmup)
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=recipe.lr)
+    schedule = SCHEDULES.get("onecycle")(opt, recipe, steps)
+    rates = [opt.param_groups[0]["lr"]]
+    for _ in range(steps - 1):
+        opt.step()
+        schedule.step()
+        rates.append(opt.param_groups[0]["lr"])
+    assert len(rates) == steps and max(rates) <= recipe.lr + 1e-12
+    if steps >= 3:  # the last step trains at a small fraction of the peak, the peak is reached
+        assert rates[-1] < 0.1 * recipe.lr and max(rates) > 0.5 * recipe.lr
 
 
 def test_recipe_refuses_unknown_tta() -> None:

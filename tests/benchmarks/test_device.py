@@ -1,0 +1,104 @@
+"""The GPU machine's script, ``benchmarks/device.sh``, run here end to end in its dry-run mode: a GPU machine
+is lent for minutes, so its script and every GPU benchmark are exercised before one is.
+
+What runs is what runs there: the carried wheels are installed (a small wheel built here, offline), the
+data is unpacked from a file packed by ``../shared/tools/jpeg_tree_blob.py`` (as ``prepare_device.sh``
+packs it), and each GPU benchmark's code trains real networks through the platform and the hand loop, only
+on the CPU, on a few hundred CIFAR-10 images, for one epoch (``benchmarks.gpu.DRY``)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from benchmarks.gpu import RECIPE_VARIANTS
+from tests.conftest import REPO, SHARED_CIFAR
+
+TOOL = REPO.parent / "shared" / "tools" / "jpeg_tree_blob.py"
+GPU_BENCHMARKS = ["trial_speed", "overhead_gpu", "trial_profile", "recipe_sweep", "full_devices", "whole_study"]
+
+
+def _small_cifar(tree: Path, train_per_class: int = 12, test_per_class: int = 4) -> None:
+    """The first images of each class of the shared CIFAR-10 copy, in the same layout."""
+    for split, count in (("train", train_per_class), ("test", test_per_class)):
+        for class_dir in sorted((SHARED_CIFAR / split).iterdir()):
+            target = tree / split / class_dir.name
+            target.mkdir(parents=True)
+            for image in sorted(class_dir.iterdir())[:count]:
+                (target / image.name).write_bytes(image.read_bytes())
+
+
+def _probe_wheel(directory: Path) -> None:
+    """A minimal valid wheel (no build tools, no network) standing in for the carried optuna & co."""
+    directory.mkdir()
+    info = "se_device_probe-1.0.dist-info"
+    files = {
+        "se_device_probe/__init__.py": "CARRIED = True\n",
+        f"{info}/METADATA": "Metadata-Version: 2.1\nName: se-device-probe\nVersion: 1.0\n",
+        f"{info}/WHEEL": "Wheel-Version: 1.0\nGenerator: tests\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+    }
+    record = "".join(f"{name},,\n" for name in files) + f"{info}/RECORD,,\n"
+    with zipfile.ZipFile(directory / "se_device_probe-1.0-py3-none-any.whl", "w") as wheel:
+        for name, text in {**files, f"{info}/RECORD": record}.items():
+            wheel.writestr(name, text)
+
+
+@pytest.fixture(scope="module")
+def device_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.CompletedProcess[str], Path, Path]:
+    """device.sh run once in a tree laid out as the device tool delivers it (the project's code, ``.whl``
+    and ``.devdata``), with every GPU benchmark, in dry-run mode."""
+    base = tmp_path_factory.mktemp("device")
+    tree, work, out = base / "tree", base / "work", base / "out"
+    tree.mkdir()
+    for part in ("benchmarks", "lightning_modules", "search", "studies"):
+        (tree / part).symlink_to(REPO / part)
+    _probe_wheel(tree / ".whl")
+    _small_cifar(base / "cifar")
+    (tree / ".devdata").mkdir()
+    subprocess.run([sys.executable, str(TOOL), "pack", str(base / "cifar"), str(tree / ".devdata/cifar10-jpeg.npz")],
+                   check=True, capture_output=True)
+    (tree / ".devdata/commit").write_text("c0ffee1\n")
+    env = {**os.environ, "OUT": str(out), "BENCH_WORK": str(work), "DRY_RUN": "1",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    env.pop("SE_SEARCH_COMMIT", None)
+    proc = subprocess.run(["bash", str(REPO / "benchmarks/device.sh"), "600", *GPU_BENCHMARKS], cwd=tree, env=env,
+                          capture_output=True, text=True, timeout=900)
+    return proc, work, out
+
+
+def test_device_script_installs_the_wheels_and_unpacks_the_data(device_run) -> None:
+    proc, work, _ = device_run
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (work / "site/se_device_probe/__init__.py").read_text() == "CARRIED = True\n"
+    unpacked = sorted(p.relative_to(work / "cifar10-jpeg") for p in (work / "cifar10-jpeg").rglob("*.jpg"))
+    assert len(unpacked) == 10 * (12 + 4)
+    original = SHARED_CIFAR / unpacked[0]
+    assert (work / "cifar10-jpeg" / unpacked[0]).read_bytes() == original.read_bytes()
+
+
+def test_every_gpu_benchmark_runs_in_the_dry_run_and_lands_in_out(device_run) -> None:
+    proc, _, out = device_run
+    runs = [json.loads(p.read_text()) for p in sorted(out.glob("*.json"))]
+    assert runs, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert all(run["dry_run"] and run["commit"] == "c0ffee1" for run in runs)
+    results = {r["name"]: r for run in runs for r in run["results"]}
+    assert sorted(results) == sorted(GPU_BENCHMARKS), proc.stdout[-3000:]
+    broken = {name: r["summary"] for name, r in results.items()
+              if r["summary"].startswith("error:") or r["summary"] == "stopped before it finished"}
+    assert not broken, proc.stdout[-3000:]
+    # Each benchmark measured something real: trained networks, finished trials.
+    speed = results["trial_speed"]
+    assert 0 <= speed["test_accuracy"] <= 1 and speed["seconds"] > 0
+    # trial_speed shares overhead_gpu's runs but keeps its own target and verdict (accuracy >= 0.9 fails here).
+    assert (speed["target"], speed["met"]) == (">= 90% test accuracy in <= 10 s", False)
+    assert speed["summary"].endswith("images/s") and results["overhead_gpu"]["target"] == "ratio <= 1.05"
+    assert len(results["recipe_sweep"]["variants"]) == len(RECIPE_VARIANTS)
+    assert set(results["full_devices"]["trials_per_hour"]) == {"1", "4"}
+    assert results["whole_study"]["finished"] == 4
+    assert results["trial_profile"]["split"]["standard"]["epochs"]

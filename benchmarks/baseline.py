@@ -35,9 +35,15 @@ def _accuracy(net: torch.nn.Module, loader: Any, channels_last: bool, autocast: 
     return float(correct) / total
 
 
-def hand_written_fit(arch: ArchConfig, recipe: TrainingRecipe, dm: Any, device: torch.device, seed: int) -> dict:
+def hand_written_fit(arch: ArchConfig, recipe: TrainingRecipe, dm: Any, device: torch.device, seed: int, *,
+                     bf16: bool | None = None, also_tta: str | None = None) -> dict:
     """Train ``arch`` for ``recipe.epochs`` epochs; returns wall seconds, val/test accuracy and where the
-    time went (build, each epoch's training, all evaluation)."""
+    time went (build, each epoch's training, all evaluation).
+
+    ``bf16``: autocast to bfloat16 (default: on CUDA devices that have it, as the platform's Trainer does;
+    True also on the CPU, to see bf16 training's accuracy where there is no GPU). ``also_tta``: evaluate the
+    same weights a second way too (``val_curve_<tta>``, ``test_accuracy_<tta>``; its time counts as
+    evaluation)."""
     pl.seed_everything(seed, workers=True, verbose=False)
     cuda = device.type == "cuda"
     # As the platform's Trainer does on CUDA (``make_trainer``): cuDNN autotuning for the fixed shapes.
@@ -52,17 +58,18 @@ def hand_written_fit(arch: ArchConfig, recipe: TrainingRecipe, dm: Any, device: 
     net = build_network(arch).to(device)
     if cuda:
         net = net.to(memory_format=torch.channels_last)
-    bf16 = cuda and torch.cuda.is_bf16_supported()
+    if bf16 is None:
+        bf16 = cuda and torch.cuda.is_bf16_supported()
 
     def autocast() -> Any:
-        return torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else nullcontext()
+        return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
 
     train = dm.loader("train", device=device, train=True, seed=seed)
     val, test = dm.loader("val", device=device), dm.loader("test", device=device)
     optimizer = OPTIMIZERS.get(recipe.optimizer)(net, recipe)
     scheduler = SCHEDULES.get(recipe.schedule)(optimizer, recipe, recipe.epochs * len(train))
     build_seconds = sync() - start
-    curve, epoch_seconds, eval_seconds = [], [], 0.0
+    curve, also_curve, epoch_seconds, eval_seconds = [], [], [], 0.0
     for epoch in range(recipe.epochs):
         # One sync per epoch boundary (for the breakdown) costs nothing next to an epoch's hundreds of steps.
         epoch_start = sync()
@@ -79,11 +86,15 @@ def hand_written_fit(arch: ArchConfig, recipe: TrainingRecipe, dm: Any, device: 
         eval_start = sync()
         epoch_seconds.append(eval_start - epoch_start)
         curve.append(_accuracy(net, val, cuda, autocast, recipe.tta))
+        if also_tta:
+            also_curve.append(_accuracy(net, val, cuda, autocast, also_tta))
         eval_seconds += time.perf_counter() - eval_start  # _accuracy ends in a host read: synced
     test_start = time.perf_counter()
     test_acc = _accuracy(net, test, cuda, autocast, recipe.tta)
+    also = {f"val_curve_{also_tta}": also_curve,
+            f"test_accuracy_{also_tta}": _accuracy(net, test, cuda, autocast, also_tta)} if also_tta else {}
     end = sync()
     return {"seconds": end - start, "val_accuracy": curve[-1], "test_accuracy": test_acc, "val_curve": curve,
-            "build_seconds": build_seconds, "epoch_seconds": epoch_seconds,
+            **also, "build_seconds": build_seconds, "epoch_seconds": epoch_seconds,
             "eval_seconds": eval_seconds + end - test_start, "images_per_second":
             recipe.epochs * len(train) * recipe.batch_size / sum(epoch_seconds)}

@@ -32,6 +32,7 @@ SHARED_CIFAR = REPO.parent / "shared" / "data" / "cifar10-jpeg"
 Benchmark = Callable[[argparse.Namespace], dict[str, Any]]
 CPU: Registry[Benchmark] = Registry("benchmark")
 GPU: Registry[Benchmark] = Registry("benchmark")
+LONG: Registry[Benchmark] = Registry("benchmark")  # an hour or more: run only when named with --only
 
 DIGITS_STUDY = """
 description: benchmark study on digits (resnet20 at a given width)

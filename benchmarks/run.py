@@ -17,8 +17,8 @@ from typing import Any
 
 import optuna
 
-from benchmarks import cpu, gpu  # noqa: F401  (importing registers the benchmarks)
-from benchmarks.harness import CPU, GPU, SHARED_CIFAR
+from benchmarks import accuracy, cpu, gpu  # noqa: F401  (importing registers the benchmarks)
+from benchmarks.harness import CPU, GPU, LONG, SHARED_CIFAR
 from benchmarks.record import RESULTS_DIR, write_results
 from search.errors import at_least
 
@@ -46,9 +46,10 @@ def main(argv: list[str] | None = None) -> int:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     registries = [GPU] if args.dry_run else [CPU, GPU] if args.gpu else [CPU]
     chosen = [(name, reg.get(name)) for reg in registries for name in reg if not args.only or name in args.only]
+    chosen += [(name, LONG.get(name)) for name in LONG if name in (args.only or ())]  # only when named
     unknown = set(args.only or ()) - {n for n, _ in chosen}
     if unknown:
-        print(f"error: unknown benchmark(s) {sorted(unknown)}; known: {[*CPU, *GPU]}", file=sys.stderr)
+        print(f"error: unknown benchmark(s) {sorted(unknown)}; known: {[*CPU, *GPU, *LONG]}", file=sys.stderr)
         return 2
     results: list[dict[str, Any]] = []
     path = None

@@ -14,7 +14,7 @@ import torch
 
 from search.study_store import git_revision
 
-__all__ = ["RESULTS_DIR", "machine", "refresh", "render_table", "write_results"]
+__all__ = ["RESULTS_DIR", "current_commit", "machine", "refresh", "render_table", "write_results"]
 
 HERE = Path(__file__).resolve().parent
 RESULTS_DIR = HERE / "results"
@@ -34,25 +34,30 @@ def machine() -> dict[str, Any]:
     }
 
 
-def _commit() -> str:
+def current_commit() -> str:
     """HEAD's short hash (``+dirty`` when the measured tree had uncommitted changes); ``SE_SEARCH_COMMIT``
     names it where the tree runs without its git history (a copy sent to a GPU machine)."""
     return os.environ.get("SE_SEARCH_COMMIT") or git_revision(short=True)
 
 
 def write_results(results: list[dict[str, Any]], path: Path | None = None, directory: Path | None = None,
-                  **tags: Any) -> Path:
+                  commit: str | None = None, **tags: Any) -> Path:
     """Write this run's JSON file (a new one in ``directory``, default ``RESULTS_DIR``, or ``path`` again as
-    the run adds results; ``tags`` go into it as they are) and, for ``RESULTS_DIR``, refresh the README
-    table from every stored run."""
+    the run adds results; ``commit``: the measured code, default ``current_commit()``; ``tags`` go in as
+    they are) and, for ``RESULTS_DIR``, refresh the README table from every stored run."""
     directory = directory or RESULTS_DIR
     directory.mkdir(parents=True, exist_ok=True)
     info = machine()
     stamp = datetime.now(timezone.utc)
     tag = "gpu-" + info["gpu"].replace(" ", "_") if info["gpu"] else "cpu"
-    path = path or directory / f"{stamp:%Y%m%dT%H%M%S}-{tag}.json"
-    payload = {"date": stamp.isoformat(timespec="seconds"), "commit": _commit(), "machine": info, **tags,
-               "results": results}
+    if path is None:  # a new run: never over another run's file (two runs can start in the same second)
+        path = directory / f"{stamp:%Y%m%dT%H%M%S}-{tag}.json"
+        copy = 1
+        while path.exists():
+            copy += 1
+            path = directory / f"{stamp:%Y%m%dT%H%M%S}-{tag}-{copy}.json"
+    payload = {"date": stamp.isoformat(timespec="seconds"), "commit": commit or current_commit(), "machine": info,
+               **tags, "results": results}
     path.write_text(json.dumps(payload, indent=2) + "\n")
     if directory == RESULTS_DIR:
         refresh()

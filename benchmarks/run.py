@@ -19,7 +19,7 @@ import optuna
 
 from benchmarks import accuracy, cpu, gpu  # noqa: F401  (importing registers the benchmarks)
 from benchmarks.harness import CPU, GPU, LONG, SHARED_CIFAR
-from benchmarks.record import RESULTS_DIR, write_results
+from benchmarks.record import RESULTS_DIR, current_commit, write_results
 from search.errors import at_least
 
 
@@ -53,6 +53,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     results: list[dict[str, Any]] = []
     path = None
+    # The code measured is the code at the start: a long run must not take a commit made while it ran.
+    commit = current_commit()
     for name, bench in chosen:
         print(f"== {name}", flush=True)
         stop = False
@@ -66,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"   {result['summary']}  (target {result['target']})", flush=True)
         results.append(result)
         # After every benchmark, so a cut-short run still leaves its results.
-        path = write_results(results, path, args.results_dir, **({"dry_run": True} if args.dry_run else {}))
+        path = write_results(results, path, args.results_dir, commit, **({"dry_run": True} if args.dry_run else {}))
         if stop:
             break
     print(f"results: {path}")

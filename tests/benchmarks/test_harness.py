@@ -113,3 +113,55 @@ def test_storage_share_times_the_workers_real_loop(tmp_path: Path) -> None:
     assert 0.0 < share < 0.5
     (stored,) = optuna.get_all_study_summaries(url)
     assert stored.n_trials == 2
+
+
+def test_long_benchmarks_run_only_when_named(results_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    ran: list[str] = []
+
+    def long(args: Any) -> dict[str, Any]:
+        ran.append("long")
+        return _ok(args)
+
+    monkeypatch.setattr(bench, "CPU", _registry(quick=_ok))
+    monkeypatch.setattr(bench, "LONG", _registry(long=long))
+    assert bench.main([]) == 0 and ran == []
+    assert bench.main(["--only", "long"]) == 0 and ran == ["long"]
+    names = [r["name"] for p in sorted((results_dir / "results").glob("*.json"))
+             for r in json.loads(p.read_text())["results"]]
+    assert sorted(names) == ["long", "quick"]
+
+
+def test_hand_loop_evaluates_a_second_tta_on_the_same_weights() -> None:
+    """``also_tta`` scores the weights the recipe's own evaluation scores: swapping the two swaps the
+    numbers exactly (evaluation changes no state; the training is the same seeded run). bf16 on the CPU."""
+    import torch
+
+    from benchmarks.baseline import hand_written_fit
+    from benchmarks.harness import default_params
+    from search.data import prepare_datamodule
+    from search.objective import Devices, TrialRunner
+    from search.study_config import load_study
+
+    cfg = load_study("se_placement", dataset="digits", epochs=2)
+    dm = prepare_datamodule(cfg)
+    design = TrialRunner(cfg, dm, Devices("cpu", 1)).design(optuna.trial.FixedTrial(default_params(cfg)))
+    cpu = torch.device("cpu")
+    plain = hand_written_fit(design.arch, design.recipe, dm, cpu, seed=0, bf16=True, also_tta="flip")
+    flipped = hand_written_fit(design.arch, design.recipe.replace(tta="flip"), dm, cpu, seed=0, bf16=True,
+                               also_tta="none")
+    assert len(plain["val_curve"]) == len(plain["val_curve_flip"]) == 2
+    assert (plain["val_curve"], plain["test_accuracy"]) == (flipped["val_curve_none"], flipped["test_accuracy_none"])
+    assert (plain["val_curve_flip"], plain["test_accuracy_flip"]) == (flipped["val_curve"], flipped["test_accuracy"])
+    assert plain["val_curve"] != plain["val_curve_flip"]  # digits are not mirror-symmetric: flipping changes them
+
+
+def test_results_name_the_commit_the_run_started_on(results_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A commit made while a long benchmark runs is not the code it measured."""
+    def committing(args: Any) -> dict[str, Any]:
+        monkeypatch.setenv("SE_SEARCH_COMMIT", "later99")
+        return _ok(args)
+
+    monkeypatch.setattr(bench, "CPU", _registry(first=committing, second=_ok))
+    assert bench.main([]) == 0
+    (path,) = (results_dir / "results").glob("*.json")
+    assert json.loads(path.read_text())["commit"] == "abc1234"

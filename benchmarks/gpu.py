@@ -8,8 +8,10 @@ the test suite, and not in the few minutes a GPU machine is lent for."""
 from __future__ import annotations
 
 import argparse
+import atexit
 import dataclasses
 import json
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -72,6 +74,7 @@ def _flagship(args: argparse.Namespace) -> str:
     if plan.batch_size not in _FLAGSHIP:
         training = yaml.safe_load(find_study_file("se_placement").read_text())["training"]
         tmp = Path(tempfile.mkdtemp(prefix="bench-study-"))
+        atexit.register(shutil.rmtree, tmp, ignore_errors=True)
         path = study_variant(tmp, "se_placement", "se_placement",
                              training={**training, "batch_size": plan.batch_size})
         _FLAGSHIP[plan.batch_size] = str(path)

@@ -158,7 +158,10 @@ RECIPE_VARIANTS: list[dict[str, Any]] = [{}, {"lr": 0.4}, {"label_smoothing": 0.
                                          {"batch_size": 1024, "lr": 0.4},
                                          {"batch_size": 1024, "lr": 0.4, "label_smoothing": 0.2},
                                          {"width": 0.5}, {"width": 0.5, "epochs": 16},
-                                         {"tta": "flip"}, {"tta": "flip", "label_smoothing": 0.2}]
+                                         {"tta": "flip"}, {"tta": "flip", "label_smoothing": 0.2},
+                                         {"tta": "flip", "lr": 0.4, "label_smoothing": 0.2},
+                                         {"tta": "flip", "batch_size": 1024, "lr": 0.4, "label_smoothing": 0.2},
+                                         {"tta": "flip", "epochs": 12}]
 
 
 @GPU.register("recipe_sweep")

@@ -15,7 +15,8 @@ set -uo pipefail
 budget=${1:-480}
 shift || true
 names=("$@")
-((${#names[@]})) || names=(trial_speed overhead_gpu trial_profile recipe_sweep full_devices whole_study)
+# Targets first, the informational ones after them (benchmarks.run keeps this order).
+((${#names[@]})) || names=(trial_speed overhead_gpu full_devices recipe_sweep trial_profile whole_study)
 out=${OUT:-/tmp/bench-out}
 work=${BENCH_WORK:-/tmp}
 dry=()
@@ -52,7 +53,8 @@ for n in "${names[@]}"; do
   if [[ $n == whole_study ]]; then study=1; else others+=(--only "$n"); fi
 done
 if ((${#others[@]})); then
-  bench $(($(left) - 150 * study - 10)) "${others[@]}"
+  # recipe_sweep starts no variant past a fifth of the budget, so trial_profile and whole_study still run.
+  bench $(($(left) - 150 * study - 10)) "${others[@]}" --sweep-seconds $((budget / 5))
   echo "== ${others[*]} done at ${SECONDS}s"
 fi
 if ((study && $(left) > 90)); then

@@ -32,6 +32,8 @@ def main(argv: list[str] | None = None) -> int:
                         "of each taken (default 3; 1 with --dry-run)")
     parser.add_argument("--trials-per-gpu", type=at_least(1), default=4, help="workers on the GPU for whole_study")
     parser.add_argument("--study-seconds", type=float, default=900, help="whole_study is stopped after this")
+    parser.add_argument("--sweep-seconds", type=at_least(0, float),
+                        help="recipe_sweep starts no variant after this many seconds (default: all variants)")
     parser.add_argument("--results-dir", type=Path, help=f"where the results JSON goes (default: {RESULTS_DIR}; "
                         "only that one's results enter the README table)")
     parser.add_argument("--dry-run", action="store_true",
@@ -45,12 +47,14 @@ def main(argv: list[str] | None = None) -> int:
         args.repeats = 1 if args.dry_run else 3
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     registries = [GPU] if args.dry_run else [CPU, GPU] if args.gpu else [CPU]
-    chosen = [(name, reg.get(name)) for reg in registries for name in reg if not args.only or name in args.only]
-    chosen += [(name, LONG.get(name)) for name in LONG if name in (args.only or ())]  # only when named
-    unknown = set(args.only or ()) - {n for n, _ in chosen}
+    available = {name: reg.get(name) for reg in registries for name in reg}
+    unknown = set(args.only or ()) - set(available) - set(LONG)
     if unknown:
         print(f"error: unknown benchmark(s) {sorted(unknown)}; known: {[*CPU, *GPU, *LONG]}", file=sys.stderr)
         return 2
+    # Named benchmarks run in the order named (a short GPU lease puts the targets first); LONG ones only then.
+    names = list(dict.fromkeys(args.only)) if args.only else list(available)
+    chosen = [(name, available[name] if name in available else LONG.get(name)) for name in names]
     results: list[dict[str, Any]] = []
     path = None
     # The code measured is the code at the start: a long run must not take a commit made while it ran.

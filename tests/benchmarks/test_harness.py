@@ -165,3 +165,10 @@ def test_results_name_the_commit_the_run_started_on(results_dir: Path, monkeypat
     assert bench.main([]) == 0
     (path,) = (results_dir / "results").glob("*.json")
     assert json.loads(path.read_text())["commit"] == "abc1234"
+
+
+def test_named_benchmarks_run_in_the_order_named(results_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(bench, "CPU", _registry(first=_ok, second=_ok, third=_ok))
+    assert bench.main(["--only", "third", "--only", "first"]) == 0
+    (path,) = (results_dir / "results").glob("*.json")
+    assert [r["name"] for r in json.loads(path.read_text())["results"]] == ["third", "first"]

@@ -39,7 +39,7 @@ class Plan:
     full_devices_trials: dict[int, int]  # workers per device -> trials of that run
     full_devices_epochs: int
     profile_epochs: int
-    study_flags: tuple[str, ...] = ()  # extra search.run flags for whole_study
+    study_flags: tuple[str, ...] = ()  # extra search.run flags for whole_study (epochs come from ``epochs``)
     batch_size: int | None = None  # every batch capped at this (the dry run's few hundred images); None: own
 
     def workers(self, k: int) -> tuple[str, ...]:
@@ -56,7 +56,7 @@ class Plan:
 # K=4 runs 4 waves so each worker's one-off CUDA set-up is amortised.
 GPU_PLAN = Plan(torch.device("cuda", 0), None, {1: 8, 4: 16}, full_devices_epochs=4, profile_epochs=2)
 DRY = Plan(torch.device("cpu"), 1, {1: 2, 4: 4}, full_devices_epochs=1, profile_epochs=1,
-           study_flags=("--trials", "4", "--epochs", "1"), batch_size=32)
+           study_flags=("--trials", "4"), batch_size=32)
 
 
 def _plan(args: argparse.Namespace) -> Plan:

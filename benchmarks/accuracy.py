@@ -23,7 +23,7 @@ def trial_accuracy(args: argparse.Namespace) -> dict[str, Any]:
     weights). Accuracy does not depend on the device beyond rounding, so a machine without a GPU can say
     whether the recipe reaches 90% in its epochs; on 2 CPU cores it takes about an hour."""
     device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
-    cfg = load_study("se_placement", dataset="imagefolder", data_dir=args.data_dir)
+    cfg = load_study(args.study, dataset="imagefolder", data_dir=args.data_dir)
     dm = prepare_datamodule(cfg)
     design = TrialRunner(cfg, dm, Devices(device.type, 1)).design(optuna.trial.FixedTrial(default_params(cfg)))
     recipe = design.recipe
@@ -36,5 +36,5 @@ def trial_accuracy(args: argparse.Namespace) -> dict[str, Any]:
                        f"{recipe.epochs} epochs (study recipe: tta {recipe.tta}); bf16 on {device.type}; val by "
                        f"epoch {by_epoch}",
             "target": ">= 90% test accuracy (target 1's accuracy)", "met": accuracy[recipe.tta] >= 0.90,
-            "device": str(device), "recipe": str(recipe), "test_accuracy": accuracy, "val_curves": curves,
+            "device": str(device), "study": cfg.name, "arch": str(design.arch), "recipe": str(recipe), "test_accuracy": accuracy, "val_curves": curves,
             "seconds": r["seconds"]}

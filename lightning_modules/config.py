@@ -15,11 +15,13 @@ from lightning_modules.registry import Registry
 from lightning_modules.se import POOLINGS
 from lightning_modules.units import BRANCHES, PLACEMENTS, SHORTCUTS
 
-__all__ = ["STEMS", "TRANSITIONS", "ArchConfig", "ConfigError", "per_stage"]
+__all__ = ["CONV_INITS", "HEAD_POOLS", "STEMS", "TRANSITIONS", "ArchConfig", "ConfigError", "per_stage"]
 
 # Names only: the modules they stand for are built in ``backbones``, which registers them.
 STEMS: tuple[str, ...] = ("cifar", "imagenet")
 TRANSITIONS: tuple[str, ...] = ("unit", "conv_pool")
+HEAD_POOLS: tuple[str, ...] = ("avg", "max")
+CONV_INITS: tuple[str, ...] = ("kaiming", "torch")
 
 
 # Metadata of a config field added after studies were stored: while it holds its default it is left out of a
@@ -72,6 +74,11 @@ class ArchConfig:
     num_classes: int = 10
     in_channels: int = 3
     image_size: int = 32
+    # The head and the initialisation (Page's ResNet-9 uses a global max pool, logits x 1/8 and PyTorch's
+    # default conv init; He et al.'s ResNets average-pool and init convs with Kaiming's fan-out normal).
+    head_pool: str = "avg"
+    logit_scale: float = 1.0
+    conv_init: str = "kaiming"
 
     def __post_init__(self) -> None:
         n = len(self.widths)
@@ -92,6 +99,12 @@ class ArchConfig:
         _allowed("stem", self.stem, STEMS)
         _allowed("shortcut", self.shortcut, SHORTCUTS)
         _allowed("transition", self.transition, TRANSITIONS)
+        _allowed("head_pool", self.head_pool, HEAD_POOLS)
+        _allowed("conv_init", self.conv_init, CONV_INITS)
+        if isinstance(self.logit_scale, bool) or not isinstance(self.logit_scale, int | float) or not (
+            0 < self.logit_scale < float("inf")
+        ):
+            raise ConfigError(f"logit_scale: must be a finite number > 0, got {self.logit_scale!r}")
         for name in ("stem_width", "num_classes", "in_channels", "image_size"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:

@@ -36,5 +36,6 @@ def trial_accuracy(args: argparse.Namespace) -> dict[str, Any]:
                        f"{recipe.epochs} epochs (study recipe: tta {recipe.tta}); bf16 on {device.type}; val by "
                        f"epoch {by_epoch}",
             "target": ">= 90% test accuracy (target 1's accuracy)", "met": accuracy[recipe.tta] >= 0.90,
-            "device": str(device), "study": cfg.name, "arch": str(design.arch), "recipe": str(recipe), "test_accuracy": accuracy, "val_curves": curves,
+            "device": str(device), "study": cfg.name, "arch": str(design.arch), "recipe": str(recipe),
+            "test_accuracy": accuracy, "val_curves": curves,
             "seconds": r["seconds"]}

@@ -153,21 +153,26 @@ def trial_profile(args: argparse.Namespace) -> dict[str, Any]:
 
 
 # Variants tried around the study's default trial (informational: which lever buys target 1's accuracy for
-# the least time). Keys are TrainingRecipe fields, plus ``width`` (the backbone's width multiplier: airbench,
-# the fastest public CIFAR-10 trainer, uses about half fastnet's widths).
-RECIPE_VARIANTS: list[dict[str, Any]] = [{}, {"lr": 0.4}, {"label_smoothing": 0.2}, {"epochs": 12},
+# the least time), most promising first since a short lease runs only the first few. Keys are TrainingRecipe
+# fields, plus ``backbone`` (another preset with the trial's SE choices) and ``width`` (the backbone's width
+# multiplier: airbench, the fastest public CIFAR-10 trainer, uses about half fastnet's widths).
+PAGE = {"backbone": "fastnet_page", "lr": 0.4, "label_smoothing": 0.2}
+RECIPE_VARIANTS: list[dict[str, Any]] = [{}, {**PAGE, "tta": "flip"}, PAGE, {**PAGE, "tta": "flip", "epochs": 12},
+                                         {"tta": "flip", "lr": 0.4, "label_smoothing": 0.2},
+                                         {**PAGE, "tta": "flip", "batch_size": 1024},
+                                         {"tta": "flip"}, {"lr": 0.4}, {"label_smoothing": 0.2}, {"epochs": 12},
                                          {"batch_size": 1024, "lr": 0.4},
                                          {"batch_size": 1024, "lr": 0.4, "label_smoothing": 0.2},
                                          {"width": 0.5}, {"width": 0.5, "epochs": 16},
-                                         {"tta": "flip"}, {"tta": "flip", "label_smoothing": 0.2},
-                                         {"tta": "flip", "lr": 0.4, "label_smoothing": 0.2},
+                                         {"tta": "flip", "label_smoothing": 0.2},
                                          {"tta": "flip", "batch_size": 1024, "lr": 0.4, "label_smoothing": 0.2},
                                          {"tta": "flip", "epochs": 12}]
+ARCH_KEYS = ("backbone", "width")
 
 
 @GPU.register("recipe_sweep")
 def recipe_sweep(args: argparse.Namespace) -> dict[str, Any]:
-    """The default trial's test accuracy and time under recipe and width variants (hand loop, seed 0), in
+    """The default trial's test accuracy and time under recipe, backbone and width variants (hand loop, seed 0), in
     ``RECIPE_VARIANTS`` order; after the study's own recipe no variant is started past ``--sweep-seconds``.
     Informational: no target of its own."""
     plan = _plan(args)
@@ -180,12 +185,13 @@ def recipe_sweep(args: argparse.Namespace) -> dict[str, Any]:
     for change in RECIPE_VARIANTS:
         if rows and args.sweep_seconds is not None and time.perf_counter() - start > args.sweep_seconds:
             break  # a short GPU lease: keep the variants measured, leave time for the benchmarks after this
-        recipe_changes = {k: v for k, v in change.items() if k != "width"}
+        recipe_changes = {k: v for k, v in change.items() if k not in ARCH_KEYS}
         arch = design.arch
-        if "width" in change:
-            arch = build_arch(cfg.backbone, placement=design.arch.placements, reduction=design.arch.reductions,
-                              pooling=design.arch.poolings, num_classes=dm.num_classes, image_size=dm.image_size,
-                              in_channels=dm.in_channels, width_multiplier=change["width"])
+        if any(k in change for k in ARCH_KEYS):
+            arch = build_arch(change.get("backbone", cfg.backbone), placement=design.arch.placements,
+                              reduction=design.arch.reductions, pooling=design.arch.poolings,
+                              num_classes=dm.num_classes, image_size=dm.image_size, in_channels=dm.in_channels,
+                              width_multiplier=change.get("width", 1.0))
         recipe = plan.recipe(design.recipe.replace(**recipe_changes))
         r = hand_written_fit(arch, recipe, dm, plan.device, seed=0)
         rows.append({"change": change, "seconds": r["seconds"], "test_accuracy": r["test_accuracy"],

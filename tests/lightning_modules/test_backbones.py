@@ -196,6 +196,8 @@ def test_config_invalid_value_names_field_and_allowed(
         ("stem", "patchify", "cifar, imagenet"),
         ("shortcut", "zero", "pad, conv"),
         ("transition", "pool", "unit, conv_pool"),
+        ("head_pool", "min", "avg, max"),
+        ("conv_init", "xavier", "kaiming, torch"),
     ],
 )
 def test_config_unknown_name_lists_allowed(field: str, value: str, allowed: str) -> None:
@@ -215,3 +217,42 @@ def test_config_unknown_backbone_lists_allowed() -> None:
 
 def test_config_error_is_a_value_error() -> None:
     assert issubclass(ConfigError, ValueError)
+
+
+@pytest.mark.parametrize("scale", [0, -0.125, float("inf"), float("nan"), True, "0.125"])
+def test_config_logit_scale_must_be_a_positive_finite_number(scale: Any) -> None:
+    with pytest.raises(ConfigError, match=r"^logit_scale: must be a finite number > 0, got "):
+        build_arch("fastnet").replace(logit_scale=scale)
+
+
+@pytest.mark.parametrize(("backbone", "reduce", "scale"), [("fastnet", "mean", 1.0), ("fastnet_page", "amax", 0.125)])
+def test_backbone_head_pools_and_scales_the_logits(backbone: str, reduce: str, scale: float) -> None:
+    torch.manual_seed(0)
+    net = build_network(build_arch(backbone, placement="standard", width_multiplier=0.25)).eval()
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        features = net.stages(net.stem(x))
+        expected = net.fc(getattr(features, reduce)(dim=(2, 3))) * scale
+        assert torch.allclose(net(x), expected, atol=1e-6)
+        # The two heads differ: a max pool is not the mean the other backbone takes.
+        other = net.fc(features.mean(dim=(2, 3)) if reduce == "amax" else features.amax(dim=(2, 3))) * scale
+        assert not torch.allclose(net(x), other, atol=1e-3)
+
+
+def test_backbone_conv_init_torch_keeps_pytorch_default_scale() -> None:
+    """Kaiming fan-out normal has std sqrt(2 / (9 out)); nn.Conv2d's default (uniform, a = sqrt(5)) has std
+    1 / sqrt(3 x 9 in): at 3x3, 128 -> 128 the first is ~2.45x the second."""
+    torch.manual_seed(0)
+    stds = {}
+    for backbone in ("fastnet", "fastnet_page"):
+        unit = build_network(build_arch(backbone)).stages[0][-1]
+        stds[backbone] = next(m for m in unit.modules() if isinstance(m, nn.Conv2d)).weight.std().item()
+    assert stds["fastnet"] == pytest.approx((2 / (9 * 128)) ** 0.5, rel=0.05)
+    assert stds["fastnet_page"] == pytest.approx(1 / (3 * 9 * 128) ** 0.5, rel=0.05)
+
+
+def test_backbone_fastnet_page_is_fastnet_with_another_head_and_init() -> None:
+    """Same layers and parameters (so the same cost), only the head's pool, logit scale and init differ."""
+    page, fast = build_network(build_arch("fastnet_page")), build_network(build_arch("fastnet"))
+    assert [(n, p.shape) for n, p in page.named_parameters()] == [(n, p.shape) for n, p in fast.named_parameters()]
+    assert isinstance(page.pool, nn.AdaptiveMaxPool2d) and isinstance(fast.pool, nn.AdaptiveAvgPool2d)

@@ -17,10 +17,10 @@ from search.study_config import load_study
 
 @LONG.register("trial_accuracy")
 def trial_accuracy(args: argparse.Namespace) -> dict[str, Any]:
-    """The accuracy half of target 1 on whatever machine runs it: se_placement's default trial (fastnet, its
-    recipe, standard SE) through the hand loop in bf16 on the CIFAR-10 JPEG copy, validation accuracy after
-    every epoch and test accuracy at the end, each without and with flip test-time augmentation (the same
-    weights). Accuracy does not depend on the device beyond rounding, so a machine without a GPU can say
+    """The accuracy half of target 1 on whatever machine runs it: ``--study``'s default trial (se_placement's:
+    fastnet_page, its recipe, standard SE) through the hand loop in bf16 on the CIFAR-10 JPEG copy, validation
+    accuracy after every epoch and test accuracy at the end, each without and with flip test-time augmentation
+    (the same weights). Accuracy does not depend on the device beyond rounding, so a machine without a GPU can say
     whether the recipe reaches 90% in its epochs; on 2 CPU cores it takes about an hour."""
     device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
     cfg = load_study(args.study, dataset="imagefolder", data_dir=args.data_dir)
@@ -32,7 +32,8 @@ def trial_accuracy(args: argparse.Namespace) -> dict[str, Any]:
     accuracy = {recipe.tta: r["test_accuracy"], other: r[f"test_accuracy_{other}"]}
     curves = {recipe.tta: r["val_curve"], other: r[f"val_curve_{other}"]}
     by_epoch = ", ".join(f"{a:.3f}" for a in curves["none"])
-    return {"summary": f"test accuracy {accuracy['none']:.4f}, {accuracy['flip']:.4f} with flip TTA, after "
+    return {"summary": f"{cfg.name} ({cfg.backbone}, lr {recipe.lr:g}, label smoothing {recipe.label_smoothing:g}): "
+                       f"test accuracy {accuracy['none']:.4f}, {accuracy['flip']:.4f} with flip TTA, after "
                        f"{recipe.epochs} epochs (study recipe: tta {recipe.tta}); bf16 on {device.type}; val by "
                        f"epoch {by_epoch}",
             "target": ">= 90% test accuracy (target 1's accuracy)", "met": accuracy[recipe.tta] >= 0.90,

@@ -20,7 +20,8 @@ import optuna
 from benchmarks import accuracy, cpu, gpu  # noqa: F401  (importing registers the benchmarks)
 from benchmarks.harness import CPU, GPU, LONG, SHARED_CIFAR
 from benchmarks.record import RESULTS_DIR, current_commit, write_results
-from search.errors import at_least
+from search.errors import UsageError, at_least
+from search.study_config import find_study_file
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -53,6 +54,11 @@ def main(argv: list[str] | None = None) -> int:
     unknown = set(args.only or ()) - set(available) - set(LONG)
     if unknown:
         print(f"error: unknown benchmark(s) {sorted(unknown)}; known: {[*CPU, *GPU, *LONG]}", file=sys.stderr)
+        return 2
+    try:  # a typo in --study fails here, not an hour into trial_accuracy
+        find_study_file(args.study)
+    except UsageError as e:
+        print(f"error: --study: {e}", file=sys.stderr)
         return 2
     # Named benchmarks run in the order named (a short GPU lease puts the targets first); LONG ones only then.
     names = list(dict.fromkeys(args.only)) if args.only else list(available)

@@ -41,7 +41,8 @@ def _stem(cfg: ArchConfig) -> nn.Sequential:
 
 
 class SENet(nn.Module):
-    """Stem, stages of residual units with per-stage SE choices, global average pool and a linear head."""
+    """Stem, stages of residual units with per-stage SE choices, a global pool (average or max: ``head_pool``),
+    a linear head and the logits' ``logit_scale``."""
 
     def __init__(self, cfg: ArchConfig) -> None:
         super().__init__()

@@ -7,6 +7,7 @@ what is allowed, so a study file or a CLI flag with a typo fails before anything
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -101,9 +102,8 @@ class ArchConfig:
         _allowed("transition", self.transition, TRANSITIONS)
         _allowed("head_pool", self.head_pool, HEAD_POOLS)
         _allowed("conv_init", self.conv_init, CONV_INITS)
-        if isinstance(self.logit_scale, bool) or not isinstance(self.logit_scale, int | float) or not (
-            0 < self.logit_scale < float("inf")
-        ):
+        scale = self.logit_scale
+        if isinstance(scale, bool) or not isinstance(scale, int | float) or not 0 < scale < math.inf:
             raise ConfigError(f"logit_scale: must be a finite number > 0, got {self.logit_scale!r}")
         for name in ("stem_width", "num_classes", "in_channels", "image_size"):
             v = getattr(self, name)

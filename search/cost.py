@@ -9,7 +9,7 @@ Convention (DESIGN.md, "Cost accounting"), per forward pass of ONE image of ``cf
   variant would look free: the squeeze pooling costs ``pool.ops_per_element`` x C x H x W, the gate its two
   linear layers (above, once per pooled statistic) plus C for the sigmoid, and the channel scaling C x H x W
   multiplies; each elementwise operation counts as one MAC;
-- batch norm, ReLU, residual adds, max pools and the head's global average pool are not counted: that is the
+- batch norm, ReLU, residual adds, max pools, the head's global pool and its logit scaling are not counted: that is the
   convention behind the published ResNet figures (the SE paper's 3.86 GFLOPs for ResNet-50 are multiply-adds
   of convolutions and the classifier).
 

@@ -172,3 +172,14 @@ def test_named_benchmarks_run_in_the_order_named(results_dir: Path, monkeypatch:
     assert bench.main(["--only", "third", "--only", "first"]) == 0
     (path,) = (results_dir / "results").glob("*.json")
     assert [r["name"] for r in json.loads(path.read_text())["results"]] == ["third", "first"]
+
+
+def test_unknown_study_is_refused_before_any_benchmark_runs(
+    results_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ran: list[str] = []
+    monkeypatch.setattr(bench, "CPU", _registry(first=lambda args: ran.append("first") or _ok(args)))
+    assert bench.main(["--study", "se_placment"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --study: unknown study 'se_placment'") and "se_placement" in err
+    assert ran == [] and not (results_dir / "results").exists()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Any
 
 import optuna
@@ -13,6 +14,10 @@ from benchmarks.harness import LONG, default_params
 from search.data import prepare_datamodule
 from search.objective import Devices, TrialRunner
 from search.study_config import load_study
+
+
+def _progress(epoch: int, val_accuracy: float) -> None:
+    print(f"trial_accuracy: epoch {epoch + 1}: val accuracy {val_accuracy:.4f}", file=sys.stderr, flush=True)
 
 
 @LONG.register("trial_accuracy")
@@ -28,7 +33,7 @@ def trial_accuracy(args: argparse.Namespace) -> dict[str, Any]:
     design = TrialRunner(cfg, dm, Devices(device.type, 1)).design(optuna.trial.FixedTrial(default_params(cfg)))
     recipe = design.recipe
     other = "flip" if recipe.tta == "none" else "none"
-    r = hand_written_fit(design.arch, recipe, dm, device, seed=0, bf16=True, also_tta=other)
+    r = hand_written_fit(design.arch, recipe, dm, device, seed=0, bf16=True, also_tta=other, on_epoch=_progress)
     accuracy = {recipe.tta: r["test_accuracy"], other: r[f"test_accuracy_{other}"]}
     curves = {recipe.tta: r["val_curve"], other: r[f"val_curve_{other}"]}
     by_epoch = ", ".join(f"{a:.3f}" for a in curves["none"])

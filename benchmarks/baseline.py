@@ -1,14 +1,15 @@
 """The hand-written PyTorch loop the platform's overhead is measured against.
 
-It trains the same network (``build_network``) on the same data pipeline (the DataModule's device-resident
-loaders), with the same optimiser, schedule, loss, precision and channels_last choices as
-``SEClassifier``, validating after every epoch and testing once at the end, as a trial does; only
-Lightning, Optuna, the cost count and the storage are left out.
+It trains the same network (``build_trainable``; a whitening stem fitted on the same images) on the same
+data pipeline (the DataModule's device-resident loaders), with the same optimiser, schedule, loss, precision
+and channels_last choices as ``SEClassifier``, validating after every epoch and testing once at the end, as
+a trial does; only Lightning, Optuna, the cost count and the storage are left out.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from typing import Any
 
@@ -16,8 +17,9 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 
-from lightning_modules import ArchConfig, build_network
-from lightning_modules.classifier import OPTIMIZERS, SCHEDULES, TrainingRecipe, eval_logits
+from lightning_modules import ArchConfig
+from lightning_modules.classifier import OPTIMIZERS, SCHEDULES, TrainingRecipe, build_trainable, eval_logits
+from lightning_modules.whitening import fit_whitening
 
 __all__ = ["hand_written_fit"]
 
@@ -36,14 +38,16 @@ def _accuracy(net: torch.nn.Module, loader: Any, channels_last: bool, autocast: 
 
 
 def hand_written_fit(arch: ArchConfig, recipe: TrainingRecipe, dm: Any, device: torch.device, seed: int, *,
-                     bf16: bool | None = None, also_tta: str | None = None) -> dict:
+                     bf16: bool | None = None, also_tta: str | None = None,
+                     on_epoch: Callable[[int, float], None] | None = None) -> dict:
     """Train ``arch`` for ``recipe.epochs`` epochs; returns wall seconds, val/test accuracy and where the
     time went (build, each epoch's training, all evaluation).
 
     ``bf16``: autocast to bfloat16 (default: on CUDA devices that have it, as the platform's Trainer does;
     True also on the CPU, to see bf16 training's accuracy where there is no GPU). ``also_tta``: evaluate the
     same weights a second way too (``val_curve_<tta>``, ``test_accuracy_<tta>``; its time counts as
-    evaluation)."""
+    evaluation). ``on_epoch(epoch, val_accuracy)`` is called after each epoch's validation (progress of long
+    runs)."""
     pl.seed_everything(seed, workers=True, verbose=False)
     cuda = device.type == "cuda"
     # As the platform's Trainer does on CUDA (``make_trainer``): cuDNN autotuning for the fixed shapes.
@@ -55,7 +59,7 @@ def hand_written_fit(arch: ArchConfig, recipe: TrainingRecipe, dm: Any, device: 
         return time.perf_counter()
 
     start = sync()
-    net = build_network(arch).to(device)
+    net = build_trainable(arch, recipe).to(device)
     if cuda:
         net = net.to(memory_format=torch.channels_last)
     if bf16 is None:
@@ -66,6 +70,7 @@ def hand_written_fit(arch: ArchConfig, recipe: TrainingRecipe, dm: Any, device: 
 
     train = dm.loader("train", device=device, train=True, seed=seed)
     val, test = dm.loader("val", device=device), dm.loader("test", device=device)
+    fit_whitening(net, dm.loader("train", device=device))  # as SEClassifier.on_fit_start; nothing without one
     optimizer = OPTIMIZERS.get(recipe.optimizer)(net, recipe)
     scheduler = SCHEDULES.get(recipe.schedule)(optimizer, recipe, recipe.epochs * len(train))
     build_seconds = sync() - start
@@ -89,6 +94,8 @@ def hand_written_fit(arch: ArchConfig, recipe: TrainingRecipe, dm: Any, device: 
         if also_tta:
             also_curve.append(_accuracy(net, val, cuda, autocast, also_tta))
         eval_seconds += time.perf_counter() - eval_start  # _accuracy ends in a host read: synced
+        if on_epoch is not None:
+            on_epoch(epoch, curve[-1])
     test_start = time.perf_counter()
     test_acc = _accuracy(net, test, cuda, autocast, recipe.tta)
     also = {f"val_curve_{also_tta}": also_curve,

@@ -12,7 +12,9 @@ Presets:
   placement applies; that family trains CIFAR-10 to 94% in minutes on one GPU, the best accuracy per second
   of training among plain residual nets (Page 2018; Jordan's airbench builds on it);
 - ``fastnet_page``: ``fastnet`` with the rest of Page's network: a global max pool, logits scaled by 1/8 and
-  PyTorch's default conv init (his recipe trains it at lr 0.4 with label smoothing 0.2).
+  PyTorch's default conv init (his recipe trains it at lr 0.4 with label smoothing 0.2);
+- ``fastnet_whiten``: ``fastnet_page`` with Page's patch-whitening stem (``lightning_modules.whitening``): a
+  fixed 3x3 whitening convolution fitted on the training images, then a 1x1 convolution to 64 channels.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from torch import nn
 from lightning_modules.config import ArchConfig, ConfigError
 from lightning_modules.registry import Registry
 from lightning_modules.units import BRANCHES, ResidualUnit, conv_bn
+from lightning_modules.whitening import PatchWhitening
 
 __all__ = ["BACKBONES", "SENet", "build_arch", "build_network"]
 
@@ -37,6 +40,9 @@ def _stem(cfg: ArchConfig) -> nn.Sequential:
             nn.ReLU(inplace=True),
             nn.MaxPool2d(3, 2, 1),
         )
+    if cfg.stem == "whiten":
+        whiten = PatchWhitening(cfg.in_channels)
+        return nn.Sequential(whiten, *conv_bn(whiten.out_channels, cfg.stem_width, 1), nn.ReLU(inplace=True))
     return nn.Sequential(*conv_bn(cfg.in_channels, cfg.stem_width, 3), nn.ReLU(inplace=True))
 
 
@@ -85,6 +91,8 @@ class SENet(nn.Module):
         for m in self.modules():
             # "torch" keeps nn.Conv2d's own init, ~2.4x smaller than Kaiming's fan-out normal at 3x3: behind batch
             # norm a smaller weight is a larger effective learning rate (lr / |w|^2), which a 10-epoch run needs.
+            if isinstance(m, PatchWhitening):
+                continue  # fitted on data, never initialised at random
             if isinstance(m, nn.Conv2d) and self.cfg.conv_init == "kaiming":
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
             elif isinstance(m, nn.BatchNorm2d):
@@ -137,6 +145,7 @@ BACKBONES.register("fastnet")(
 )
 BACKBONES.register("fastnet_page")(lambda: BACKBONES.get("fastnet")().replace(
     head_pool="max", logit_scale=0.125, conv_init="torch"))
+BACKBONES.register("fastnet_whiten")(lambda: BACKBONES.get("fastnet_page")().replace(stem="whiten"))
 
 
 def build_arch(

@@ -19,7 +19,7 @@ from lightning_modules.units import BRANCHES, PLACEMENTS, SHORTCUTS
 __all__ = ["CONV_INITS", "HEAD_POOLS", "STEMS", "TRANSITIONS", "ArchConfig", "ConfigError", "per_stage"]
 
 # Names only: the modules they stand for are built in ``backbones``, which registers them.
-STEMS: tuple[str, ...] = ("cifar", "imagenet")
+STEMS: tuple[str, ...] = ("cifar", "imagenet", "whiten")
 TRANSITIONS: tuple[str, ...] = ("unit", "conv_pool")
 HEAD_POOLS: tuple[str, ...] = ("avg", "max")
 CONV_INITS: tuple[str, ...] = ("kaiming", "torch")

@@ -53,8 +53,10 @@ class PatchWhitening(nn.Conv2d):
         count = 0
         for batch in images:
             # (B, C*k*k, L) in (channel, row, column) order: the order of a conv weight's flattened filter.
-            patches = F.unfold(batch.to(self.weight.device, torch.float32), k).transpose(1, 2).reshape(-1, dims)
-            gram += (patches.T @ patches).double()
+            # In float64: the small-eigenvalue directions are amplified up to 10x, and float32 sums would make
+            # the filters depend on how the images were batched.
+            patches = F.unfold(batch.to(self.weight.device, torch.float64), k).transpose(1, 2).reshape(-1, dims)
+            gram += patches.T @ patches
             count += len(patches)
         if count == 0:
             raise ValueError("fit_whitening: no training images to fit the patch-whitening stem on")

@@ -1,4 +1,5 @@
-"""SEClassifier's evaluation (flip test-time augmentation, ``TrainingRecipe.tta``) and its one-cycle schedule."""
+"""SEClassifier's evaluation (flip test-time augmentation, ``TrainingRecipe.tta``), its one-cycle schedule and
+its parameter groups (frozen BN scales, BN biases at a multiple of the learning rate)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,15 @@ import pytorch_lightning as pl
 import torch
 
 from lightning_modules import ConfigError, build_arch
-from lightning_modules.classifier import SCHEDULES, TEST_ACCURACY, SEClassifier, TrainingRecipe, eval_logits
+from lightning_modules.classifier import (
+    OPTIMIZERS,
+    SCHEDULES,
+    TEST_ACCURACY,
+    SEClassifier,
+    TrainingRecipe,
+    build_trainable,
+    eval_logits,
+)
 from lightning_modules.data import CACHE_DIR_ENV, DATA_DIR_ENV, DataConfig, build_datamodule
 
 
@@ -70,3 +79,57 @@ def test_lightning_test_accuracy_uses_the_recipes_tta(tmp_path: Path, monkeypatc
     with torch.no_grad():
         flipped = [(eval_logits(model, x, other).argmax(1), y) for x, y in dm.test_dataloader()]
     assert sum(int((p == y).sum()) for p, y in flipped) / sum(len(y) for _, y in flipped) != expected
+
+
+def _groups(recipe: TrainingRecipe) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    net = build_trainable(build_arch("fastnet_page", placement="standard", width_multiplier=0.125), recipe)
+    return net, OPTIMIZERS.get(recipe.optimizer)(net, recipe)
+
+
+def test_default_recipe_keeps_the_two_parameter_groups() -> None:
+    """Decayed weights and everything else at the one learning rate: the layout optimiser states saved by
+    earlier versions have, so they still load."""
+    net, opt = _groups(TrainingRecipe(lr=0.4))
+    assert [(len(g["params"]), g["weight_decay"], g["lr"]) for g in opt.param_groups] == [
+        (sum(p.ndim > 1 for p in net.parameters()), 5e-4, 0.4),
+        (sum(p.ndim <= 1 for p in net.parameters()), 0.0, 0.4),
+    ]
+
+
+def test_bn_bias_lr_scale_trains_the_bn_biases_faster_through_the_schedule() -> None:
+    recipe = TrainingRecipe(lr=0.4, bn_bias_lr_scale=64)
+    net, opt = _groups(recipe)
+    bn_biases = {id(m.bias) for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)}
+    fast = [g for g in opt.param_groups if {id(p) for p in g["params"]} == bn_biases]
+    assert len(fast) == 1 and fast[0]["weight_decay"] == 0.0
+    schedule = SCHEDULES.get("onecycle")(opt, recipe, 20)
+    for _ in range(19):
+        rates = [g["lr"] for g in opt.param_groups]
+        assert rates[-1] == pytest.approx(64 * rates[0]) and rates[0] == pytest.approx(rates[1])
+        opt.step()
+        schedule.step()
+    assert max(g["max_lr"] for g in opt.param_groups) == pytest.approx(64 * 0.4)
+
+
+def test_freeze_bn_scale_keeps_bn_scales_at_one_while_the_rest_trains() -> None:
+    recipe = TrainingRecipe(lr=0.4, freeze_bn_scale=True)
+    net, opt = _groups(recipe)
+    bns = [m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    in_optimizer = {id(p) for g in opt.param_groups for p in g["params"]}
+    assert bns and all(not m.weight.requires_grad and id(m.weight) not in in_optimizer for m in bns)
+    torch.manual_seed(0)
+    loss = torch.nn.functional.cross_entropy(net(torch.randn(8, 3, 32, 32)), torch.arange(8))
+    loss.backward()
+    opt.step()
+    assert all(torch.equal(m.weight, torch.ones_like(m.weight)) for m in bns)
+    assert any(not torch.equal(m.bias, torch.zeros_like(m.bias)) for m in bns)
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"bn_bias_lr_scale": 0}, "bn_bias_lr_scale: value 0 is out of range"),
+    ({"bn_bias_lr_scale": float("nan")}, "bn_bias_lr_scale: value nan is out of range"),
+    ({"freeze_bn_scale": "yes"}, "freeze_bn_scale: must be true or false, got 'yes'"),
+])
+def test_recipe_refuses_bad_bn_settings(change: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        TrainingRecipe(**change)

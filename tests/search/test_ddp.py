@@ -53,3 +53,19 @@ def test_ddp_pruned_trial_stops_on_every_rank(tmp_path: Path) -> None:
     assert trial.user_attrs["pruned_reason"] == "pruned after epoch 1"
     assert trial.user_attrs["ddp_rank_epochs"] == [1, 1]
     assert len(trial.intermediate_values) == 1  # one report: after the first epoch
+
+
+def test_ddp_trains_frozen_bn_scales_and_a_whitening_stem(tmp_path: Path) -> None:
+    """Frozen parameters under DDP: the recipe freezes the BN scales before DDP wraps the network (frozen
+    after, DDP would wait for their gradients and fail the second step) and every rank fits the whitening
+    stem on the same images."""
+    study_file = tiny_study(tmp_path, backbone="fastnet_whiten", trials=1,
+                            training={"epochs": 2, "freeze_bn_scale": True, "bn_bias_lr_scale": 64},
+                            search_space={"width_multiplier": [0.125], "placement": ["standard"], "reduction": [4]})
+    url = f"sqlite:///{tmp_path / 'studies.db'}"
+    runs = tmp_path / "runs"
+    result = run_cli("search.run", "--study", str(study_file), "--storage", url, "--runs-dir", str(runs),
+                     "--workers", "1", "--procs-per-trial", "2", "--poll", "0.2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    (trial,) = load(url, "tiny").trials
+    assert trial.state == TrialState.COMPLETE and trial.user_attrs["ddp_rank_epochs"] == [2, 2]

@@ -9,7 +9,7 @@ import pytest
 
 from search.errors import UsageError
 from search.space import grid_search_space, suggest
-from search.study_config import STUDIES_DIR, find_study_file, load_study
+from search.study_config import STUDIES_DIR, StudyConfig, find_study_file, load_study
 
 SHIPPED = sorted(p.stem for p in STUDIES_DIR.glob("*.yaml"))
 
@@ -87,19 +87,28 @@ def test_study_config_overrides_change_identity_but_not_location() -> None:
     assert load_study("se_placement", data_dir="/elsewhere", trials=3).definition_hash() == base.definition_hash()
 
 
-def test_study_identity_counts_later_keys_only_off_their_default(tmp_path: Path) -> None:
-    """``training.tta`` came after studies were stored: at its default it is not part of the identity (an
-    older study keeps its hash and resumes), stated or not; any other value is."""
-    base = load_study("se_placement")
-    assert "tta" not in base.identity()["training"]
-    stated = tmp_path / "se_placement.yaml"
-    text = find_study_file("se_placement").read_text()
-    stated.write_text(text.replace("  warmup_fraction: 0.2\n", "  warmup_fraction: 0.2\n  tta: none\n"))
-    assert load_study(str(stated)).training.tta == "none"
-    assert load_study(str(stated)).definition_hash() == base.definition_hash()
-    stated.write_text(text.replace("  warmup_fraction: 0.2\n", "  warmup_fraction: 0.2\n  tta: flip\n"))
-    assert load_study(str(stated)).identity()["training"]["tta"] == "flip"
-    assert load_study(str(stated)).definition_hash() != base.definition_hash()
+@pytest.mark.parametrize(("key", "default", "other"), [
+    ("tta", "none", "flip"), ("freeze_bn_scale", "false", "true"), ("bn_bias_lr_scale", "1.0", "64"),
+])
+def test_study_identity_counts_later_keys_only_off_their_default(tmp_path: Path, key: str, default: str,
+                                                                 other: str) -> None:
+    """Training keys that came after studies were stored: at their default they are not part of the identity
+    (an older study keeps its hash and resumes), stated or not; any other value is."""
+    text = "".join(line for line in find_study_file("se_placement").read_text().splitlines(keepends=True)
+                   if not line.lstrip().startswith(f"{key}:"))
+    study = tmp_path / "se_placement.yaml"
+
+    def with_key(value: str | None) -> StudyConfig:
+        line = f"  warmup_fraction: 0.2\n  {key}: {value}\n" if value is not None else "  warmup_fraction: 0.2\n"
+        study.write_text(text.replace("  warmup_fraction: 0.2\n", line))
+        return load_study(str(study))
+
+    base = with_key(None)
+    assert key not in base.identity()["training"]
+    assert str(getattr(with_key(default).training, key)).lower() == default.lower()
+    assert with_key(default).definition_hash() == base.definition_hash()
+    assert str(with_key(other).identity()["training"][key]).lower() in {other, f"{other}.0"}
+    assert with_key(other).definition_hash() != base.definition_hash()
 
 
 def test_space_none_stage_suggests_no_ratio_or_pooling() -> None:

@@ -67,9 +67,12 @@ def test_backbone_every_placement_and_pooling_trains_a_step(
     assert out.shape == (2, 7)
     assert torch.isfinite(out).all()
     nn.functional.cross_entropy(out, torch.tensor([0, 3])).backward()
+    frozen = [name for name, p in net.named_parameters() if not p.requires_grad]
+    assert frozen == (["stem.0.weight"] if cfg.stem == "whiten" else [])  # only the whitening filters
     for name, p in net.named_parameters():
-        assert p.grad is not None, f"{name} got no gradient"
-        assert torch.isfinite(p.grad).all(), f"{name} has a non-finite gradient"
+        if p.requires_grad:
+            assert p.grad is not None, f"{name} got no gradient"
+            assert torch.isfinite(p.grad).all(), f"{name} has a non-finite gradient"
     se_blocks = [m for m in net.modules() if isinstance(m, SEBlock)]
     units = [m for m in net.modules() if isinstance(m, ResidualUnit)]
     assert len(se_blocks) == (0 if placement == "none" else len(units))
@@ -193,7 +196,7 @@ def test_config_invalid_value_names_field_and_allowed(
     ("field", "value", "allowed"),
     [
         ("block", "pyramid", ", ".join(BRANCHES.names())),
-        ("stem", "patchify", "cifar, imagenet"),
+        ("stem", "patchify", "cifar, imagenet, whiten"),
         ("shortcut", "zero", "pad, conv"),
         ("transition", "pool", "unit, conv_pool"),
         ("head_pool", "min", "avg, max"),

@@ -23,7 +23,7 @@ def _progress(epoch: int, val_accuracy: float) -> None:
 @LONG.register("trial_accuracy")
 def trial_accuracy(args: argparse.Namespace) -> dict[str, Any]:
     """The accuracy half of target 1 on whatever machine runs it: ``--study``'s default trial (se_placement's:
-    fastnet_page, its recipe, standard SE) through the hand loop in bf16 on the CIFAR-10 JPEG copy, validation
+    fastnet_whiten, its recipe, standard SE) through the hand loop in bf16 on the CIFAR-10 JPEG copy, validation
     accuracy after every epoch and test accuracy at the end, each without and with flip test-time augmentation
     (the same weights). Accuracy does not depend on the device beyond rounding, so a machine without a GPU can say
     whether the recipe reaches 90% in its epochs; on 2 CPU cores it takes about an hour."""

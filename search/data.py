@@ -41,5 +41,12 @@ def ready_datamodule(cfg: DataConfig) -> pl.LightningDataModule:
 
 
 def prepare_datamodule(cfg: StudyConfig) -> pl.LightningDataModule:
-    """The study's DataModule, set up; every data problem becomes one line for the user."""
-    return ready_datamodule(data_config(cfg))
+    """The study's DataModule, set up; every data problem becomes one line for the user, and so does flip
+    test-time augmentation on data whose mirror image is another thing (digits: a mirrored 2 is no 2)."""
+    dm = ready_datamodule(data_config(cfg))
+    if cfg.training.tta == "flip" and not getattr(dm, "hflip", True):
+        dataset = cfg.data.dataset
+        raise UsageError(f"{cfg.name}: training.tta: flip evaluates mirrored images, but {dataset} is not "
+                         f"mirror-symmetric (its training never flips); set tta: none for it "
+                         f"(in by_dataset.{dataset}.training, or the study's training)")
+    return dm

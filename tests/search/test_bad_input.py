@@ -58,6 +58,10 @@ def _arg(tmp_path: Path, arg: str, study: Path) -> str:
          "search_space.placement: unknown value 'sideways'"),
         (["--study", "FILE:backbone: resnet20\nsearch_space: {}\ntraining: {epochs: 0}\n"],
          "training.epochs: must be an integer >= 1"),
+        (["--study", "FILE:backbone: resnet20\ndata: {dataset: digits}\nsearch_space: {}\ntraining: {tta: flip}\n"],
+         "training.tta: flip evaluates mirrored images, but digits is not mirror-symmetric"),
+        (["--study", "FILE:backbone: resnet20\nsearch_space: {}\ntraining: {bn_bias_lr_scale: -1}\n"],
+         "training.bn_bias_lr_scale: value -1.0 is out of range"),
         # Missing data: an image tree that exists but holds no class folders.
         (["--study", "QUICK", "--dataset", "imagefolder", "--data-dir", "EMPTY"], "EMPTY"),
         # Flags of the reliability and scale-out features.

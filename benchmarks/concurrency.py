@@ -18,6 +18,7 @@ import argparse
 import functools
 import multiprocessing as mp
 import os
+import queue as queue_module
 import socket
 import tempfile
 import time
@@ -79,13 +80,16 @@ def storage_trial(study: optuna.Study, epochs: int = EPOCHS) -> int:
     return trial.number
 
 
-def _process(url: str, name: str, start_at: float, stop_at: float, queue: Any) -> None:
-    """One worker process: storage trials from ``start_at`` to ``stop_at`` (wall clock), then its counts."""
+def _process(url: str, name: str, ready: Any, window: Any, queue: Any) -> None:
+    """One worker process: once set up, reports ``ready``, waits for the shared (start, stop) wall-clock
+    ``window``, runs storage trials inside it, then sends its counts."""
     import warnings
 
     warnings.simplefilter("ignore")
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     study = optuna.load_study(study_name=name, storage=open_storage(url, heartbeat_interval=60))
+    ready.put(os.getpid())
+    start_at, stop_at = window.get()
     numbers, errors = [], []
     time.sleep(max(0.0, start_at - time.time()))
     while time.time() < stop_at:
@@ -96,22 +100,42 @@ def _process(url: str, name: str, start_at: float, stop_at: float, queue: Any) -
     queue.put({"numbers": numbers, "errors": errors})
 
 
-def measure(url: str, procs: int = 4, seconds: float = 20.0, warmup: float = 5.0) -> dict[str, Any]:
+def _wait_ready(ready: Any, workers: list[Any], timeout: float) -> None:
+    """Wait until every worker has reported ready; fail at once, naming the exit code, if one died first."""
+    deadline, pending = time.time() + timeout, len(workers)
+    while pending:
+        try:
+            ready.get(timeout=1)
+            pending -= 1
+        except queue_module.Empty:
+            dead = [w.exitcode for w in workers if w.exitcode is not None]
+            if dead or time.time() > deadline:
+                for w in workers:
+                    w.kill()
+                raise RuntimeError(f"concurrency benchmark: a worker process exited with code {dead[0]} before "
+                                   f"it was ready" if dead else f"workers not ready after {timeout:.0f} s") from None
+
+
+def measure(url: str, procs: int = 4, seconds: float = 20.0, warmup: float = 1.0) -> dict[str, Any]:
     """Run ``procs`` processes on a fresh study in ``url`` for ``seconds``; trials/s, errors, uniqueness.
 
-    The processes start together after ``warmup`` seconds (imports, connections), so the rate is sustained
-    throughput, not start-up. The study is deleted afterwards.
+    The processes start together, ``warmup`` seconds after the last of them has imported and connected, so
+    the rate is sustained throughput, not start-up, however long start-up takes on a busy machine (a fixed
+    start time once let a loaded CI machine's processes miss the whole window). The study is deleted
+    afterwards.
     """
     name = f"bench-concurrency-{uuid.uuid4().hex[:12]}"
     storage = open_storage(url, heartbeat_interval=60)
     optuna.create_study(study_name=name, storage=storage, directions=["maximize", "minimize"])
     ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    start_at = time.time() + warmup
-    workers = [ctx.Process(target=_process, args=(url, name, start_at, start_at + seconds, queue))
-               for _ in range(procs)]
+    ready, window, queue = ctx.Queue(), ctx.Queue(), ctx.Queue()
+    workers = [ctx.Process(target=_process, args=(url, name, ready, window, queue)) for _ in range(procs)]
     for w in workers:
         w.start()
+    _wait_ready(ready, workers, timeout=600)
+    start_at = time.time() + warmup
+    for _ in workers:
+        window.put((start_at, start_at + seconds))
     results = [queue.get(timeout=warmup + seconds + 300) for _ in workers]
     for w in workers:
         w.join(60)

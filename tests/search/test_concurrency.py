@@ -37,7 +37,7 @@ def test_concurrency_four_workers_share_one_study(tmp_path: Path, storage_url: s
 
 @pytest.mark.parametrize("storage_url", ["sqlite", "postgresql"], indirect=True)
 def test_benchmark_concurrency_measures_storage_throughput(storage_url: str) -> None:
-    result = measure(storage_url, procs=2, seconds=3, warmup=4)
+    result = measure(storage_url, procs=2, seconds=3)
     assert result["trials"] > 0 and result["trials_per_s"] > 0
     assert result["error_count"] == 0, result["errors"]
     assert result["unique_numbers"] and result["stored_complete"] == result["trials"]

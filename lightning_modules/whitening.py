@@ -67,15 +67,19 @@ class PatchWhitening(nn.Conv2d):
         self.fitted.fill_(True)
 
 
+def _unfitted(net: nn.Module) -> list[PatchWhitening]:
+    return [m for m in net.modules() if isinstance(m, PatchWhitening) and not bool(m.fitted)]
+
+
 def needs_whitening(net: nn.Module) -> bool:
     """Whether ``net`` has a whitening layer that has not yet been fitted (nor restored from a checkpoint)."""
-    return any(isinstance(m, PatchWhitening) and not bool(m.fitted) for m in net.modules())
+    return bool(_unfitted(net))
 
 
 def fit_whitening(net: nn.Module, images: Iterable[torch.Tensor | tuple[torch.Tensor, ...]]) -> None:
     """Fit every unfitted ``PatchWhitening`` of ``net`` on ``images`` (normalised batches of the training
     split, unaugmented, in a fixed order, so every process and every run of a trial computes the same filters)."""
-    layers = [m for m in net.modules() if isinstance(m, PatchWhitening) and not bool(m.fitted)]
+    layers = _unfitted(net)
     if layers:
         batches = list(_take(images, MAX_IMAGES))
         for layer in layers:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytorch_lightning as pl
 
-from lightning_modules.data import DataConfig, DataError, build_datamodule
+from lightning_modules.data import DATASETS, DataConfig, DataError, build_datamodule
 from search.errors import UsageError
 from search.study_config import StudyConfig
 
@@ -43,10 +43,10 @@ def ready_datamodule(cfg: DataConfig) -> pl.LightningDataModule:
 def prepare_datamodule(cfg: StudyConfig) -> pl.LightningDataModule:
     """The study's DataModule, set up; every data problem becomes one line for the user, and so does flip
     test-time augmentation on data whose mirror image is another thing (digits: a mirrored 2 is no 2)."""
-    dm = ready_datamodule(data_config(cfg))
-    if cfg.training.tta == "flip" and not getattr(dm, "hflip", True):
-        dataset = cfg.data.dataset
+    dataset = cfg.data.dataset
+    # The dataset class says it (``hflip``): refused before any image is decoded.
+    if cfg.training.tta == "flip" and not getattr(DATASETS.get(dataset), "hflip", True):
         raise UsageError(f"{cfg.name}: training.tta: flip evaluates mirrored images, but {dataset} is not "
                          f"mirror-symmetric (its training never flips); set tta: none for it "
                          f"(in by_dataset.{dataset}.training, or the study's training)")
-    return dm
+    return ready_datamodule(data_config(cfg))

@@ -9,7 +9,7 @@ a trial does; only Lightning, Optuna, the cost count and the storage are left ou
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from typing import Any
 
@@ -38,16 +38,16 @@ def _accuracy(net: torch.nn.Module, loader: Any, channels_last: bool, autocast: 
 
 
 def hand_written_fit(arch: ArchConfig, recipe: TrainingRecipe, dm: Any, device: torch.device, seed: int, *,
-                     bf16: bool | None = None, also_tta: str | None = None,
+                     bf16: bool | None = None, also_tta: Sequence[str] = (),
                      on_epoch: Callable[[int, float], None] | None = None) -> dict:
     """Train ``arch`` for ``recipe.epochs`` epochs; returns wall seconds, val/test accuracy and where the
     time went (build, each epoch's training, all evaluation).
 
     ``bf16``: autocast to bfloat16 (default: on CUDA devices that have it, as the platform's Trainer does;
     True also on the CPU, to see bf16 training's accuracy where there is no GPU). ``also_tta``: evaluate the
-    same weights a second way too (``val_curve_<tta>``, ``test_accuracy_<tta>``; its time counts as
-    evaluation). ``on_epoch(epoch, val_accuracy)`` is called after each epoch's validation (progress of long
-    runs)."""
+    same weights under these test-time augmentations too (``val_curve_<tta>``, ``test_accuracy_<tta>`` for
+    each; their time counts as evaluation). ``on_epoch(epoch, val_accuracy)`` is called after each epoch's
+    validation (progress of long runs)."""
     pl.seed_everything(seed, workers=True, verbose=False)
     cuda = device.type == "cuda"
     # As the platform's Trainer does on CUDA (``make_trainer``): cuDNN autotuning for the fixed shapes.
@@ -74,7 +74,8 @@ def hand_written_fit(arch: ArchConfig, recipe: TrainingRecipe, dm: Any, device: 
     optimizer = OPTIMIZERS.get(recipe.optimizer)(net, recipe)
     scheduler = SCHEDULES.get(recipe.schedule)(optimizer, recipe, recipe.epochs * len(train))
     build_seconds = sync() - start
-    curve, also_curve, epoch_seconds, eval_seconds = [], [], [], 0.0
+    curve, epoch_seconds, eval_seconds = [], [], 0.0
+    also_curves: dict[str, list[float]] = {tta: [] for tta in also_tta}
     for epoch in range(recipe.epochs):
         # One sync per epoch boundary (for the breakdown) costs nothing next to an epoch's hundreds of steps.
         epoch_start = sync()
@@ -91,15 +92,16 @@ def hand_written_fit(arch: ArchConfig, recipe: TrainingRecipe, dm: Any, device: 
         eval_start = sync()
         epoch_seconds.append(eval_start - epoch_start)
         curve.append(_accuracy(net, val, cuda, autocast, recipe.tta))
-        if also_tta:
-            also_curve.append(_accuracy(net, val, cuda, autocast, also_tta))
+        for tta, also_curve in also_curves.items():
+            also_curve.append(_accuracy(net, val, cuda, autocast, tta))
         eval_seconds += time.perf_counter() - eval_start  # _accuracy ends in a host read: synced
         if on_epoch is not None:
             on_epoch(epoch, curve[-1])
     test_start = time.perf_counter()
     test_acc = _accuracy(net, test, cuda, autocast, recipe.tta)
-    also = {f"val_curve_{also_tta}": also_curve,
-            f"test_accuracy_{also_tta}": _accuracy(net, test, cuda, autocast, also_tta)} if also_tta else {}
+    also = {}
+    for tta, also_curve in also_curves.items():
+        also |= {f"val_curve_{tta}": also_curve, f"test_accuracy_{tta}": _accuracy(net, test, cuda, autocast, tta)}
     end = sync()
     return {"seconds": end - start, "val_accuracy": curve[-1], "test_accuracy": test_acc, "val_curve": curve,
             **also, "build_seconds": build_seconds, "epoch_seconds": epoch_seconds,

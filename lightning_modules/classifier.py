@@ -59,8 +59,9 @@ class TrainingRecipe:
     label_smoothing: float = 0.0
     schedule: str = "onecycle"
     warmup_fraction: float = 0.2
-    # Test-time augmentation for validation and test: "flip" adds the logits of the mirrored images (as
-    # airbench does; about +0.5 point on CIFAR for one more forward pass over the evaluation splits).
+    # Test-time augmentation for validation and test (``eval_logits``): "flip" adds the logits of the mirrored
+    # images (as airbench does; about +0.5 point on CIFAR for one more forward pass over the evaluation
+    # splits); "flip_translate" also those of the images shifted one pixel either way (airbench's level 2).
     tta: str = dataclasses.field(default="none", metadata=ADDED_LATER)
     # Page's and airbench's batch-norm treatment: BN scales frozen at 1 and BN biases trained at
     # ``bn_bias_lr_scale`` times the learning rate (they use 64; airbench's ablation: 22 -> 17 epochs to 94%).
@@ -96,14 +97,29 @@ class TrainingRecipe:
         return dataclasses.replace(self, **changes)
 
 
-TTA_MODES = ("none", "flip")
+TTA_MODES = ("none", "flip", "flip_translate")
 
 
 def eval_logits(net: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, tta: str) -> torch.Tensor:
-    """Logits for evaluation: ``net(x)``, plus those of the horizontally mirrored batch with ``tta="flip"``
-    (a sum: accuracy only takes the argmax)."""
-    logits = net(x)
-    return logits + net(x.flip(-1)) if tta == "flip" else logits
+    """Logits for evaluation under test-time augmentation ``tta`` (one of ``TTA_MODES``; a weighted sum, as
+    accuracy only takes the argmax):
+
+    - ``none``: ``net(x)``;
+    - ``flip``: ``net(x) + net(mirrored x)``;
+    - ``flip_translate``: airbench94's six views: the flip logits of ``x`` at weight 1/2 and of ``x`` shifted
+      diagonally by one pixel up-left and down-right (reflection fills the new edge) at 1/4 each. Training's
+      random crops shift images by up to ``default_padding`` pixels, so these views are ones it has seen.
+    """
+    if tta == "none":
+        return net(x)
+    if tta == "flip":
+        return net(x) + net(x.flip(-1))
+    if tta == "flip_translate":
+        h, w = x.shape[-2:]
+        padded = F.pad(x, (1, 1, 1, 1), mode="reflect")
+        shifted = (padded[..., :h, :w], padded[..., 2:, 2:])
+        return 0.5 * eval_logits(net, x, "flip") + 0.25 * sum(eval_logits(net, s, "flip") for s in shifted)
+    raise ValueError(f"tta: unknown mode {tta!r}; allowed: {', '.join(TTA_MODES)}")
 
 
 _BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.SyncBatchNorm)

@@ -45,8 +45,9 @@ def prepare_datamodule(cfg: StudyConfig) -> pl.LightningDataModule:
     test-time augmentation on data whose mirror image is another thing (digits: a mirrored 2 is no 2)."""
     dataset = cfg.data.dataset
     # The dataset class says it (``hflip``): refused before any image is decoded.
-    if cfg.training.tta == "flip" and not getattr(DATASETS.get(dataset), "hflip", True):
-        raise UsageError(f"{cfg.name}: training.tta: flip evaluates mirrored images, but {dataset} is not "
+    tta = cfg.training.tta
+    if tta != "none" and not getattr(DATASETS.get(dataset), "hflip", True):  # every TTA mode mirrors
+        raise UsageError(f"{cfg.name}: training.tta: {tta} evaluates mirrored images, but {dataset} is not "
                          f"mirror-symmetric (its training never flips); set tta: none for it "
                          f"(in by_dataset.{dataset}.training, or the study's training)")
     return ready_datamodule(data_config(cfg))

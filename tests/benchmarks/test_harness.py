@@ -131,9 +131,10 @@ def test_long_benchmarks_run_only_when_named(results_dir: Path, monkeypatch: pyt
     assert sorted(names) == ["long", "quick"]
 
 
-def test_hand_loop_evaluates_a_second_tta_on_the_same_weights() -> None:
-    """``also_tta`` scores the weights the recipe's own evaluation scores: swapping the two swaps the
-    numbers exactly (evaluation changes no state; the training is the same seeded run). bf16 on the CPU."""
+def test_hand_loop_evaluates_other_ttas_on_the_same_weights() -> None:
+    """``also_tta`` scores the weights the recipe's own evaluation scores: changing which mode is the recipe's
+    moves the numbers between keys exactly (evaluation changes no state; the training is the same seeded run).
+    bf16 on the CPU."""
     import torch
 
     from benchmarks.baseline import hand_written_fit
@@ -145,14 +146,21 @@ def test_hand_loop_evaluates_a_second_tta_on_the_same_weights() -> None:
     cfg = load_study("se_placement", dataset="digits", epochs=2)
     dm = prepare_datamodule(cfg)
     design = TrialRunner(cfg, dm, Devices("cpu", 1)).design(optuna.trial.FixedTrial(default_params(cfg)))
+    assert design.recipe.tta == "none"
     cpu = torch.device("cpu")
-    plain = hand_written_fit(design.arch, design.recipe, dm, cpu, seed=0, bf16=True, also_tta="flip")
-    flipped = hand_written_fit(design.arch, design.recipe.replace(tta="flip"), dm, cpu, seed=0, bf16=True,
-                               also_tta="none")
-    assert len(plain["val_curve"]) == len(plain["val_curve_flip"]) == 2
-    assert (plain["val_curve"], plain["test_accuracy"]) == (flipped["val_curve_none"], flipped["test_accuracy_none"])
-    assert (plain["val_curve_flip"], plain["test_accuracy_flip"]) == (flipped["val_curve"], flipped["test_accuracy"])
-    assert plain["val_curve"] != plain["val_curve_flip"]  # digits are not mirror-symmetric: flipping changes them
+    plain = hand_written_fit(design.arch, design.recipe, dm, cpu, seed=0, bf16=True,
+                             also_tta=("flip", "flip_translate"))
+    six_views = hand_written_fit(design.arch, design.recipe.replace(tta="flip_translate"), dm, cpu, seed=0,
+                                 bf16=True, also_tta=("none", "flip"))
+    assert len(plain["val_curve"]) == len(plain["val_curve_flip"]) == len(plain["val_curve_flip_translate"]) == 2
+    assert (plain["val_curve"], plain["test_accuracy"]) == (six_views["val_curve_none"],
+                                                            six_views["test_accuracy_none"])
+    assert (plain["val_curve_flip"], plain["test_accuracy_flip"]) == (six_views["val_curve_flip"],
+                                                                      six_views["test_accuracy_flip"])
+    assert (plain["val_curve_flip_translate"], plain["test_accuracy_flip_translate"]) == (
+        six_views["val_curve"], six_views["test_accuracy"])
+    # Digits are not mirror-symmetric: each mode scores differently.
+    assert len({tuple(plain[k]) for k in ("val_curve", "val_curve_flip", "val_curve_flip_translate")}) == 3
 
 
 def test_results_name_the_commit_the_run_started_on(results_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:

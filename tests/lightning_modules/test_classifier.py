@@ -1,5 +1,5 @@
-"""SEClassifier's evaluation (flip test-time augmentation, ``TrainingRecipe.tta``), its one-cycle schedule and
-its parameter groups (frozen BN scales, BN biases at a multiple of the learning rate)."""
+"""SEClassifier's evaluation (flip and translate test-time augmentation, ``TrainingRecipe.tta``), its one-cycle
+schedule and its parameter groups (frozen BN scales, BN biases at a multiple of the learning rate)."""
 
 from __future__ import annotations
 
@@ -31,6 +31,25 @@ def test_eval_logits_adds_the_mirrored_images_with_flip() -> None:
     assert not torch.allclose(eval_logits(net, x, "flip"), 2 * net(x))
 
 
+def test_eval_logits_flip_translate_weighs_airbench_six_views() -> None:
+    """Half the flip logits of the images, a quarter each of those shifted one pixel up-left and down-right
+    with reflected edges (written out by hand here, pixel by pixel, not with ``F.pad``)."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 5 * 4, 7))  # not shift-invariant
+    x = torch.randn(6, 3, 5, 4)
+    up_left = torch.empty_like(x)  # the view's pixel (i, j) is the image's (i - 1, j - 1), reflected at 0
+    down_right = torch.empty_like(x)  # (i + 1, j + 1), reflected at the last row and column
+    h, w = x.shape[-2:]
+    for i in range(h):
+        for j in range(w):
+            up_left[..., i, j] = x[..., abs(i - 1), abs(j - 1)]
+            down_right[..., i, j] = x[..., (h - 1) - abs(h - 2 - i), (w - 1) - abs(w - 2 - j)]
+    flip = lambda v: net(v) + net(v.flip(-1))  # noqa: E731
+    expected = 0.5 * flip(x) + 0.25 * flip(up_left) + 0.25 * flip(down_right)
+    assert torch.allclose(eval_logits(net, x, "flip_translate"), expected, atol=1e-6)
+    assert not torch.allclose(eval_logits(net, x, "flip_translate"), eval_logits(net, x, "flip"), atol=1e-3)
+
+
 @pytest.mark.parametrize("steps", range(1, 13))
 @pytest.mark.parametrize("warmup", [0.1, 0.2, 0.5])
 def test_one_cycle_runs_every_step_of_short_runs(steps: int, warmup: float) -> None:
@@ -50,11 +69,11 @@ def test_one_cycle_runs_every_step_of_short_runs(steps: int, warmup: float) -> N
 
 
 def test_recipe_refuses_unknown_tta() -> None:
-    with pytest.raises(ConfigError, match="tta: unknown value 'rotate'; allowed: none, flip"):
+    with pytest.raises(ConfigError, match="tta: unknown value 'rotate'; allowed: none, flip, flip_translate"):
         TrainingRecipe(tta="rotate")
 
 
-@pytest.mark.parametrize("tta", ["none", "flip"])
+@pytest.mark.parametrize("tta", ["none", "flip", "flip_translate"])
 def test_lightning_test_accuracy_uses_the_recipes_tta(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                      tta: str) -> None:
     """The accuracy Lightning reports on test is the one of ``eval_logits`` with the recipe's mode."""
@@ -75,7 +94,7 @@ def test_lightning_test_accuracy_uses_the_recipes_tta(tmp_path: Path, monkeypatc
         pairs = [(eval_logits(model, x, tta).argmax(1), y) for x, y in dm.test_dataloader()]
     expected = sum(int((p == y).sum()) for p, y in pairs) / sum(len(y) for _, y in pairs)
     assert reported == pytest.approx(expected, abs=1e-6)
-    other = "none" if tta == "flip" else "flip"
+    other = "none" if tta != "none" else "flip"
     with torch.no_grad():
         flipped = [(eval_logits(model, x, other).argmax(1), y) for x, y in dm.test_dataloader()]
     assert sum(int((p == y).sum()) for p, y in flipped) / sum(len(y) for _, y in flipped) != expected

@@ -60,6 +60,9 @@ def _arg(tmp_path: Path, arg: str, study: Path) -> str:
          "training.epochs: must be an integer >= 1"),
         (["--study", "FILE:backbone: resnet20\ndata: {dataset: digits}\nsearch_space: {}\ntraining: {tta: flip}\n"],
          "training.tta: flip evaluates mirrored images, but digits is not mirror-symmetric"),
+        (["--study", "FILE:backbone: resnet20\ndata: {dataset: digits}\nsearch_space: {}\n"
+                   "training: {tta: flip_translate}\n"],
+         "training.tta: flip_translate evaluates mirrored images, but digits is not mirror-symmetric"),
         (["--study", "FILE:backbone: resnet20\nsearch_space: {}\ntraining: {bn_bias_lr_scale: -1}\n"],
          "training.bn_bias_lr_scale: value -1.0 is out of range"),
         # Missing data: an image tree that exists but holds no class folders.

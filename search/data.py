@@ -23,6 +23,7 @@ def data_config(cfg: StudyConfig) -> DataConfig:
             image_size=d.image_size,
             num_workers=d.num_workers,
             augment=d.augment,
+            flip=d.flip,
         )
     except (DataError, ValueError) as e:
         raise UsageError(f"{cfg.name}: data.{e}") from None

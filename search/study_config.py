@@ -112,6 +112,8 @@ class DataSection:
     split_seed: int = 0
     image_size: int | None = None
     augment: bool = True
+    # Training flips (lightning_modules.data.config.FLIP_MODES): "random" or "alternate" (airbench's).
+    flip: str = field(default="random", metadata=ADDED_LATER)
     num_workers: int = 2
 
 

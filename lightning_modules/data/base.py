@@ -244,7 +244,7 @@ class ArrayDataModule(pl.LightningDataModule):
             "normalization": {"mean": list(d.mean), "std": list(d.std),
                               "computed_on": f"train split ({n_train} images)"},
             "augment": {"random_crop_padding": default_padding(self.image_size),
-                        "horizontal_flip": self.hflip} if self.cfg.augment else None,
+                        "horizontal_flip": self.cfg.flip if self.hflip else "never"} if self.cfg.augment else None,
             "batch_size": self.cfg.batch_size,
             "eval_batch_size": self.eval_batch_size,
         }
@@ -338,5 +338,5 @@ class ArrayDataModule(pl.LightningDataModule):
         return DeviceBatchLoader(
             images, labels, indices=indices, batch_size=self.cfg.batch_size if shuffle else self.eval_batch_size,
             mean=d.mean, std=d.std, shuffle=shuffle, augment=augment, padding=default_padding(self.image_size),
-            flip=self.hflip, seed=seed, world_size=world, rank=rank,
+            flip=self.cfg.flip if self.hflip else "never", seed=seed, world_size=world, rank=rank,
         )

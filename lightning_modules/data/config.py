@@ -18,6 +18,7 @@ from lightning_modules.data.registry import DATASETS
 __all__ = [
     "CACHE_DIR_ENV",
     "DATA_DIR_ENV",
+    "FLIP_MODES",
     "MIN_IMAGE_SIZE",
     "DataConfig",
     "default_cache_root",
@@ -28,6 +29,11 @@ DATA_DIR_ENV = "SE_SEARCH_DATA_DIR"
 CACHE_DIR_ENV = "SE_SEARCH_CACHE_DIR"
 # A random crop with padding needs a few pixels to move in; 8 is digits' native size.
 MIN_IMAGE_SIZE = 8
+# How training mirrors images (data that may be mirrored at all: a dataset's ``hflip``): "random" (each image,
+# each epoch, with probability 1/2) or "alternate" (airbench's derandomised flip: a seeded random half in epoch
+# 0, then every image the other way than the epoch before, so each sees both orientations every two epochs;
+# Jordan 2024 finds it better than random flips wherever flipping helps, most in short runs).
+FLIP_MODES = ("random", "alternate")
 
 
 def default_data_root() -> Path:
@@ -68,6 +74,7 @@ class DataConfig:
     cache_dir: str | Path | None = None
     num_workers: int = 2
     augment: bool = True
+    flip: str = "random"
     download: bool = True
 
     def __post_init__(self) -> None:
@@ -96,6 +103,11 @@ class DataConfig:
         for field in ("augment", "download"):
             if not isinstance(getattr(self, field), bool):
                 raise DataConfigError(f"{field}: must be True or False, got {getattr(self, field)!r}")
+        if self.flip not in FLIP_MODES:
+            raise DataConfigError(f"flip: unknown value {self.flip!r}; allowed: {', '.join(FLIP_MODES)}")
+        if self.flip != "random" and not DATASETS.get(self.name).hflip:
+            raise DataConfigError(f"flip: {self.flip} schedules mirrored images, but {self.name} never mirrors "
+                                  f"its images (a mirrored one is another thing); leave flip at random")
 
     def replace(self, **changes: Any) -> DataConfig:
         return dataclasses.replace(self, **changes)

@@ -20,6 +20,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision import transforms as T
 
+from lightning_modules.data.base import FAST_PATH_MAX_SIZE
 from lightning_modules.data.cache import source_key
 from lightning_modules.data.config import DataConfig
 from lightning_modules.data.decode import check_images
@@ -69,6 +70,11 @@ class FolderLoaders:
     """Splits, normalisation and DataLoaders for one large-image tree."""
 
     def __init__(self, tree: FolderTree, cfg: DataConfig, cache_root: Path) -> None:
+        if cfg.flip != "random":
+            # torchvision's RandomHorizontalFlip in worker processes knows neither the image nor the epoch.
+            raise DataError(f"imagefolder {tree.root}: flip: {cfg.flip} is for images held on the device (at most "
+                            f"{FAST_PATH_MAX_SIZE} px); these are loaded by DataLoaders, which flip at random: "
+                            f"set flip: random, or image_size <= {FAST_PATH_MAX_SIZE}")
         self.tree = tree
         self.cfg = cfg
         self.image_size = cfg.image_size or DEFAULT_LARGE_IMAGE_SIZE
@@ -165,7 +171,7 @@ class FolderLoaders:
             "report_split": REPORT_SPLIT,
             "normalization": {"mean": list(self.mean), "std": list(self.std),
                               "computed_on": f"train split (estimate from {sample} images)"},
-            "augment": {"random_resized_crop": self.image_size, "horizontal_flip": True}
+            "augment": {"random_resized_crop": self.image_size, "horizontal_flip": "random"}
             if self.cfg.augment else None,
             "batch_size": self.cfg.batch_size,
         }

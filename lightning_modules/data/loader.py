@@ -18,8 +18,14 @@ import numpy as np
 import torch
 
 from lightning_modules.data.augment import crop_flip, draw_crop_flip, normalize
+from lightning_modules.data.config import FLIP_MODES
 
 __all__ = ["DeviceBatchLoader", "epoch_seed"]
+
+# ``DataConfig.flip``'s modes (see there), and "never" for data whose mirror image is another thing.
+_FLIPS = (*FLIP_MODES, "never")
+# Stream key of the per-image first-epoch flips of "alternate": above any epoch number, so never an epoch's.
+_ALTERNATE_FLIP_STREAM = 2**40
 
 
 def epoch_seed(base_seed: int, epoch: int) -> int:
@@ -48,7 +54,10 @@ class DeviceBatchLoader:
     a CPU ``torch.Generator`` seeded with ``epoch_seed(seed, epoch)``: the same seed gives the same batches
     on any device and any run. With ``world_size`` > 1 every rank draws the same epoch plan and takes every
     ``world_size``-th group of ``batch_size`` (drop-last), so ranks see disjoint batches, equally many.
-    ``flip`` False keeps crops but never mirrors (for data whose mirror image is another thing).
+    ``flip`` ("random", "alternate" or "never") says how they mirror: "alternate" flips image ``i`` in epoch
+    ``e`` iff its seeded coin ``first[i]`` differs from ``e % 2`` (the crops, the order and the coins do not
+    depend on the mode, so "random" and "alternate" runs of one seed differ only in the flips); "never" keeps
+    the crops.
     Evaluation loaders keep the stored order, never augment and keep the last partial batch; with
     ``world_size`` > 1 rank r serves every ``world_size``-th image from the r-th, so the ranks evaluate
     disjoint shards that cover the split exactly once (torchmetrics sums their counts: the accuracy is the
@@ -70,7 +79,7 @@ class DeviceBatchLoader:
         shuffle: bool = False,
         augment: bool = False,
         padding: int = 0,
-        flip: bool = True,
+        flip: str = "random",
         seed: int = 0,
         world_size: int = 1,
         rank: int = 0,
@@ -82,6 +91,8 @@ class DeviceBatchLoader:
             raise ValueError(f"labels: {len(labels)} labels for {len(images)} images")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank: must be in [0, {world_size}), got {rank}")
+        if flip not in _FLIPS:
+            raise ValueError(f"flip: unknown mode {flip!r}; allowed: {', '.join(_FLIPS)}")
         self.images = images
         self.labels = labels
         # Positions in ``images`` this loader serves (a split of a shared pool); kept on the CPU, where the
@@ -125,15 +136,21 @@ class DeviceBatchLoader:
         g = torch.Generator().manual_seed(epoch_seed(self.seed, epoch))
         order = torch.randperm(n, generator=g)
         offsets, flips = draw_crop_flip(n, self.padding, g) if self.augment else (None, None)
-        if flips is not None and not self.flip:
-            flips = torch.zeros_like(flips)
         used = len(self) * self.batch_size * self.world_size
         mine = torch.arange(used).view(len(self), self.world_size, self.batch_size)[:, self.rank].reshape(-1)
-        return (
-            self.subset[order[mine]],
-            None if offsets is None else offsets[mine],
-            None if flips is None else flips[mine],
-        )
+        visits = self.subset[order[mine]]
+        if flips is not None:
+            flips = flips[mine]
+            if self.flip == "never":
+                flips = torch.zeros_like(flips)
+            elif self.flip == "alternate":
+                flips = self._first_epoch_flips()[visits] ^ bool(epoch % 2)
+        return visits, None if offsets is None else offsets[mine], flips
+
+    def _first_epoch_flips(self) -> torch.Tensor:
+        """Per image of the pool (so every split and every rank agree), its flip in epoch 0 under "alternate"."""
+        g = torch.Generator().manual_seed(epoch_seed(self.seed, _ALTERNATE_FLIP_STREAM))
+        return torch.rand(len(self.images), generator=g) < 0.5
 
     def epoch_indices(self, epoch: int | None = None) -> torch.Tensor:
         """The image indices this rank visits in ``epoch`` (default: the current one), in batch order."""

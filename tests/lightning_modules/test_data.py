@@ -145,6 +145,8 @@ def _se_model(dm: Any, epochs: int = 1) -> pl.LightningModule:
         ({"augment": "yes"}, "augment: must be True or False, got 'yes'"),
         ({"download": 1}, "download"),
         ({"data_dir": 7}, "data_dir: must be a directory path or None, got 7"),
+        ({"flip": "sometimes"}, "flip: unknown value 'sometimes'; allowed: random, alternate"),
+        ({"flip": "alternate"}, "flip: alternate schedules mirrored images, but digits never mirrors its images"),
     ],
 )
 def test_config_invalid_value_names_field(changes: dict[str, Any], fragment: str) -> None:
@@ -187,7 +189,7 @@ def test_digits_setup_shapes_and_provenance() -> None:
     assert d["selection_split"] == "val" and d["report_split"] == "test"
     assert "carved" in d["test_from"] and "split_seed 0" in d["val_from"]
     assert d["pipeline"] == "device" and d["cache_file"] is None and "load_digits" in d["source"]
-    assert d["augment"] == {"random_crop_padding": 2, "horizontal_flip": False}
+    assert d["augment"] == {"random_crop_padding": 2, "horizontal_flip": "never"}
     x, y = next(iter(dm.train_dataloader()))
     assert x.shape == (128, 1, 16, 16) and x.dtype == torch.float32
     assert y.shape == (128,) and y.dtype == torch.int64
@@ -300,6 +302,62 @@ def test_augmentation_keeps_shapes_and_label_alignment() -> None:
             assert values <= {0.0, float((label + 1) * 10)} and float((label + 1) * 10) in values
         seen.append(y)
     assert len(seen) == 4 and sorted(torch.cat(seen).tolist()) == sorted(labels.tolist())
+
+
+def _served_flips(loader: DeviceBatchLoader, images: torch.Tensor, epoch: int) -> dict[int, bool]:
+    """Whether each image came mirrored in ``epoch`` (no crop padding; labels are the images' indices)."""
+    loader.set_epoch(epoch)
+    served = {}
+    for x, ids in loader:
+        for img, i in zip(x, ids.tolist(), strict=True):
+            plain = images[i].to(torch.float32)
+            assert torch.equal(img, plain) or torch.equal(img, plain.flip(-1))
+            served[i] = not torch.equal(img, plain)
+    return served
+
+
+def test_alternate_flip_mirrors_each_image_the_other_way_every_epoch() -> None:
+    """airbench's derandomised flip: half the images in epoch 0, then each image opposite to its previous
+    epoch; the order is the one "random" gives for the same seed. Read from the pixels served."""
+    n = 600
+    images = torch.randint(0, 256, (n, 1, 6, 6), generator=torch.Generator().manual_seed(1), dtype=torch.uint8)
+    ids = torch.arange(n)
+
+    def loader(flip: str, seed: int = 3) -> DeviceBatchLoader:
+        return DeviceBatchLoader(images, ids, batch_size=50, mean=[0.0], std=[1 / 255], shuffle=True, augment=True,
+                                 padding=0, flip=flip, seed=seed)
+
+    alternate = loader("alternate")
+    epochs = [_served_flips(alternate, images, e) for e in range(4)]
+    assert all(len(e) == n for e in epochs)  # every image, once, each epoch
+    assert 0.4 < sum(epochs[0].values()) / n < 0.6
+    for i in range(n):
+        assert epochs[1][i] != epochs[0][i] and epochs[2][i] == epochs[0][i] and epochs[3][i] == epochs[1][i]
+    assert _served_flips(loader("alternate"), images, 1) == epochs[1]  # seeded
+    assert _served_flips(loader("alternate", seed=4), images, 0) != epochs[0]
+    # Same seed, same visiting order; the random schedule does not alternate.
+    random = loader("random")
+    assert torch.equal(random.epoch_indices(2), alternate.epoch_indices(2))
+    random_epochs = [_served_flips(random, images, e) for e in range(2)]
+    assert sum(random_epochs[1][i] != random_epochs[0][i] for i in range(n)) < 0.6 * n
+    assert not any(_served_flips(loader("never"), images, 1).values())
+    with pytest.raises(ValueError, match="flip: unknown mode 'sideways'"):
+        loader("sideways")
+
+
+def test_alternate_flip_agrees_across_ranks() -> None:
+    """Under DDP each rank serves its own batches, but an image's orientation depends only on the seed."""
+    n = 400
+    images = torch.randint(0, 256, (n, 1, 6, 6), generator=torch.Generator().manual_seed(2), dtype=torch.uint8)
+    ids = torch.arange(n)
+    single = DeviceBatchLoader(images, ids, batch_size=40, mean=[0.0], std=[1 / 255], shuffle=True, augment=True,
+                               padding=0, flip="alternate", seed=5)
+    ranks = [DeviceBatchLoader(images, ids, batch_size=20, mean=[0.0], std=[1 / 255], shuffle=True, augment=True,
+                               padding=0, flip="alternate", seed=5, world_size=2, rank=r) for r in range(2)]
+    for epoch in (0, 1):
+        whole = _served_flips(single, images, epoch)
+        for r in ranks:
+            assert all(whole[i] == f for i, f in _served_flips(r, images, epoch).items())
 
 
 def test_crop_flip_matches_reference_windows() -> None:
@@ -579,6 +637,19 @@ def test_imagefolder_large_images_use_dataloaders(tmp_path: Path) -> None:
     again = build_datamodule(_folder_cfg(root, image_size=72, batch_size=4))
     again.setup()
     assert again.describe()["normalization"] == d["normalization"]
+
+
+def test_imagefolder_large_images_refuse_alternate_flip(tmp_path: Path) -> None:
+    """DataLoader workers flip at random; asking them to alternate is a one-line error at setup."""
+    root = _write_tree(tmp_path / "tree", size=(80, 70), n_train=10, n_test=2, ext="jpg")
+    dm = build_datamodule(_folder_cfg(root, image_size=72, batch_size=4, flip="alternate"))
+    dm.prepare_data()
+    with pytest.raises(DataError, match="flip: alternate is for images held on the device") as info:
+        dm.setup("fit")
+    assert "\n" not in str(info.value) and "flip: random, or image_size <= 64" in str(info.value)
+    small = build_datamodule(_folder_cfg(root, image_size=16, batch_size=4, flip="alternate"))
+    small.setup("fit")
+    assert small.describe()["augment"]["horizontal_flip"] == "alternate"
 
 
 def test_imagefolder_mixed_sizes_without_image_size_fall_back(tmp_path: Path) -> None:

@@ -63,6 +63,10 @@ def _arg(tmp_path: Path, arg: str, study: Path) -> str:
         (["--study", "FILE:backbone: resnet20\ndata: {dataset: digits}\nsearch_space: {}\n"
                    "training: {tta: flip_translate}\n"],
          "training.tta: flip_translate evaluates mirrored images, but digits is not mirror-symmetric"),
+        (["--study", "FILE:backbone: resnet20\ndata: {dataset: digits, flip: alternate}\nsearch_space: {}\n"],
+         "data.flip: alternate schedules mirrored images, but digits never mirrors its images"),
+        (["--study", "FILE:backbone: resnet20\ndata: {flip: upside_down}\nsearch_space: {}\n"],
+         "data.flip: unknown value 'upside_down'; allowed: random, alternate"),
         (["--study", "FILE:backbone: resnet20\nsearch_space: {}\ntraining: {bn_bias_lr_scale: -1}\n"],
          "training.bn_bias_lr_scale: value -1.0 is out of range"),
         # Missing data: an image tree that exists but holds no class folders.

@@ -87,27 +87,31 @@ def test_study_config_overrides_change_identity_but_not_location() -> None:
     assert load_study("se_placement", data_dir="/elsewhere", trials=3).definition_hash() == base.definition_hash()
 
 
-@pytest.mark.parametrize(("key", "default", "other"), [
-    ("tta", "none", "flip"), ("freeze_bn_scale", "false", "true"), ("bn_bias_lr_scale", "1.0", "64"),
+@pytest.mark.parametrize(("section", "anchor", "key", "default", "other"), [
+    ("training", "warmup_fraction: 0.2", "tta", "none", "flip"),
+    ("training", "warmup_fraction: 0.2", "freeze_bn_scale", "false", "true"),
+    ("training", "warmup_fraction: 0.2", "bn_bias_lr_scale", "1.0", "64"),
+    ("data", "split_seed: 0", "flip", "random", "alternate"),
 ])
-def test_study_identity_counts_later_keys_only_off_their_default(tmp_path: Path, key: str, default: str,
-                                                                 other: str) -> None:
-    """Training keys that came after studies were stored: at their default they are not part of the identity
-    (an older study keeps its hash and resumes), stated or not; any other value is."""
+def test_study_identity_counts_later_keys_only_off_their_default(tmp_path: Path, section: str, anchor: str, key: str,
+                                                                 default: str, other: str) -> None:
+    """Keys that came after studies were stored: at their default they are not part of the identity (an older
+    study keeps its hash and resumes), stated or not; any other value is."""
     text = "".join(line for line in find_study_file("se_placement").read_text().splitlines(keepends=True)
                    if not line.lstrip().startswith(f"{key}:"))
+    anchor = f"  {anchor}\n"
+    assert text.count(anchor) == 1
     study = tmp_path / "se_placement.yaml"
 
     def with_key(value: str | None) -> StudyConfig:
-        line = f"  warmup_fraction: 0.2\n  {key}: {value}\n" if value is not None else "  warmup_fraction: 0.2\n"
-        study.write_text(text.replace("  warmup_fraction: 0.2\n", line))
+        study.write_text(text.replace(anchor, anchor + (f"  {key}: {value}\n" if value is not None else "")))
         return load_study(str(study))
 
     base = with_key(None)
-    assert key not in base.identity()["training"]
-    assert str(getattr(with_key(default).training, key)).lower() == default.lower()
+    assert key not in base.identity()[section]
+    assert str(getattr(getattr(with_key(default), section), key)).lower() == default.lower()
     assert with_key(default).definition_hash() == base.definition_hash()
-    assert str(with_key(other).identity()["training"][key]).lower() in {other, f"{other}.0"}
+    assert str(with_key(other).identity()[section][key]).lower() in {other, f"{other}.0"}
     assert with_key(other).definition_hash() != base.definition_hash()
 
 

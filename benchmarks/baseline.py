@@ -69,6 +69,9 @@ def hand_written_fit(arch: ArchConfig, recipe: TrainingRecipe, dm: Any, device: 
         return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
 
     train = dm.loader("train", device=device, train=True, seed=seed)
+    if train.batch_size != recipe.batch_size:  # the schedule, the lr and images/s all assume the recipe's
+        raise ValueError(f"recipe batch_size {recipe.batch_size}, but the data module batches "
+                         f"{train.batch_size}: build it with the recipe's batch size")
     val, test = dm.loader("val", device=device), dm.loader("test", device=device)
     fit_whitening(net, dm.loader("train", device=device))  # as SEClassifier.on_fit_start; nothing without one
     optimizer = OPTIMIZERS.get(recipe.optimizer)(net, recipe)

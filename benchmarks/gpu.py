@@ -24,7 +24,7 @@ import yaml
 from benchmarks.baseline import hand_written_fit
 from benchmarks.harness import GPU, SearchRun, default_params, overhead, run_search, study_variant
 from lightning_modules import build_arch
-from search.data import prepare_datamodule
+from search.data import prepare_datamodule, ready_datamodule
 from search.objective import Devices, TrialRunner
 from search.study_config import find_study_file, load_study
 
@@ -154,8 +154,9 @@ def trial_profile(args: argparse.Namespace) -> dict[str, Any]:
 
 # Variants tried around the study's default trial (informational: which lever buys target 1's accuracy for
 # the least time), most promising first since a short lease runs only the first few. Keys are TrainingRecipe
-# fields, plus ``backbone`` (another preset with the trial's SE choices) and ``width`` (the backbone's width
-# multiplier: airbench, the fastest public CIFAR-10 trainer, uses about half fastnet's widths). On 2 CPU cores
+# fields, plus ``backbone`` (another preset with the trial's SE choices), ``width`` (the backbone's width
+# multiplier: airbench, the fastest public CIFAR-10 trainer, uses about half fastnet's widths) and ``flip``
+# (``DataConfig.flip``: the training flips). On 2 CPU cores
 # the study's recipe reached 89.6% in 10 epochs (trial_accuracy), so one or two more epochs come first: they
 # reach 90% if the H200 leaves the time; fewer epochs say what the time-to-accuracy curve looks like. Then
 # the earlier flagship and each of this one's levers taken away (the whitening stem, the BN settings, TTA).
@@ -163,12 +164,15 @@ def trial_profile(args: argparse.Namespace) -> dict[str, Any]:
 _PLAIN_BN = {"freeze_bn_scale": False, "bn_bias_lr_scale": 1.0}
 PAGE_FLAGSHIP = {"backbone": "fastnet_page", **_PLAIN_BN, "tta": "none"}  # se_placement until 2026-11-30 15:00
 OLD_FLAGSHIP = {**PAGE_FLAGSHIP, "backbone": "fastnet", "lr": 0.2, "label_smoothing": 0.1}  # and before 05:00
-RECIPE_VARIANTS: list[dict[str, Any]] = [{}, {"epochs": 11}, {"epochs": 12}, {"epochs": 8}, {"epochs": 9},
+RECIPE_VARIANTS: list[dict[str, Any]] = [{}, {"tta": "flip_translate"}, {"flip": "alternate"},
+                                         {"flip": "alternate", "tta": "flip_translate"},
+                                         {"epochs": 11}, {"epochs": 12}, {"epochs": 8}, {"epochs": 9},
                                          {"batch_size": 1024, "lr": 0.8}, {"batch_size": 1024, "lr": 0.8, "epochs": 12},
                                          PAGE_FLAGSHIP, {"backbone": "fastnet_page"}, _PLAIN_BN, {"tta": "none"},
                                          OLD_FLAGSHIP, {"bn_bias_lr_scale": 16.0}, {"width": 0.5},
                                          {"width": 0.5, "epochs": 14}, {"epochs": 14}]
 ARCH_KEYS = ("backbone", "width")
+DATA_KEYS = ("flip",)
 
 
 @GPU.register("recipe_sweep")
@@ -183,18 +187,23 @@ def recipe_sweep(args: argparse.Namespace) -> dict[str, Any]:
     design = TrialRunner(cfg, dm, Devices("gpu", 1)).design(optuna.trial.FixedTrial(params))
     hand_written_fit(design.arch, design.recipe.replace(epochs=1), dm, plan.device, seed=0)  # warm-up
     rows, start = [], time.perf_counter()
+    datamodules = {dm.cfg: dm}  # one per batch size and flip schedule, each set up from the same decoded cache
     for change in RECIPE_VARIANTS:
         if rows and args.sweep_seconds is not None and time.perf_counter() - start > args.sweep_seconds:
             break  # a short GPU lease: keep the variants measured, leave time for the benchmarks after this
-        recipe_changes = {k: v for k, v in change.items() if k not in ARCH_KEYS}
+        recipe = plan.recipe(design.recipe.replace(**{k: v for k, v in change.items()
+                                                       if k not in ARCH_KEYS + DATA_KEYS}))
+        # The loaders batch as the data module says: a batch-size variant needs its own.
+        data_cfg = dm.cfg.replace(batch_size=recipe.batch_size, **{k: change[k] for k in DATA_KEYS if k in change})
+        if data_cfg not in datamodules:
+            datamodules[data_cfg] = ready_datamodule(data_cfg)
         arch = design.arch
         if any(k in change for k in ARCH_KEYS):
             arch = build_arch(change.get("backbone", cfg.backbone), placement=design.arch.placements,
                               reduction=design.arch.reductions, pooling=design.arch.poolings,
                               num_classes=dm.num_classes, image_size=dm.image_size, in_channels=dm.in_channels,
                               width_multiplier=change.get("width", 1.0))
-        recipe = plan.recipe(design.recipe.replace(**recipe_changes))
-        r = hand_written_fit(arch, recipe, dm, plan.device, seed=0)
+        r = hand_written_fit(arch, recipe, datamodules[data_cfg], plan.device, seed=0)
         rows.append({"change": change, "seconds": r["seconds"], "test_accuracy": r["test_accuracy"],
                      "val_accuracy": r["val_accuracy"], "images_per_second": r["images_per_second"]})
     skipped = len(RECIPE_VARIANTS) - len(rows)

@@ -163,6 +163,24 @@ def test_hand_loop_evaluates_other_ttas_on_the_same_weights() -> None:
     assert len({tuple(plain[k]) for k in ("val_curve", "val_curve_flip", "val_curve_flip_translate")}) == 3
 
 
+def test_hand_loop_refuses_a_recipe_the_data_module_does_not_batch() -> None:
+    """The loaders batch as the data module was built; a recipe asking for another batch size would train at
+    the wrong learning rate per image and report wrong images/s, so it is refused before any step."""
+    import torch
+
+    from benchmarks.baseline import hand_written_fit
+    from benchmarks.harness import default_params
+    from search.data import prepare_datamodule
+    from search.objective import Devices, TrialRunner
+    from search.study_config import load_study
+
+    cfg = load_study("se_placement", dataset="digits", epochs=1)
+    dm = prepare_datamodule(cfg)
+    design = TrialRunner(cfg, dm, Devices("cpu", 1)).design(optuna.trial.FixedTrial(default_params(cfg)))
+    with pytest.raises(ValueError, match="recipe batch_size 128, but the data module batches 64"):
+        hand_written_fit(design.arch, design.recipe.replace(batch_size=128), dm, torch.device("cpu"), seed=0)
+
+
 def test_results_name_the_commit_the_run_started_on(results_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A commit made while a long benchmark runs is not the code it measured."""
     def committing(args: Any) -> dict[str, Any]:

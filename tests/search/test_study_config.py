@@ -163,3 +163,19 @@ def test_study_config_bad_dataset_profile_is_refused(tmp_path: Path) -> None:
 def test_study_config_scientific_notation_is_a_number(tmp_path: Path) -> None:
     cfg = load_study(_write(tmp_path, BASE + "training: {lr: 1e-3, weight_decay: 5E-4}\n"))
     assert cfg.training.lr == 1e-3 and cfg.training.weight_decay == 5e-4
+
+
+@pytest.mark.parametrize("flip", ["random", "alternate"])
+def test_study_data_flip_reaches_the_training_loader(tmp_path: Path, flip: str) -> None:
+    """``data.flip`` in a study file is what the trial's training loader does, and what the data module
+    says it does (the description stored with each trial)."""
+    from search.data import prepare_datamodule
+    from tests.lightning_modules.test_data import _write_tree
+
+    tree = _write_tree(tmp_path / "tree", n_train=30)
+    study = tmp_path / "flips.yaml"
+    study.write_text(f"backbone: resnet20\ndata: {{dataset: imagefolder, flip: {flip}}}\nsearch_space: {{}}\n"
+                     "training: {batch_size: 16}\n")
+    dm = prepare_datamodule(load_study(str(study), data_dir=str(tree)))
+    assert dm.train_dataloader().flip == flip
+    assert dm.describe()["augment"]["horizontal_flip"] == flip

@@ -157,9 +157,11 @@ def trial_profile(args: argparse.Namespace) -> dict[str, Any]:
 # fields, plus ``backbone`` (another preset with the trial's SE choices), ``width`` (the backbone's width
 # multiplier: airbench, the fastest public CIFAR-10 trainer, uses about half fastnet's widths) and ``flip``
 # (``DataConfig.flip``: the training flips). On 2 CPU cores
-# the study's recipe reached 89.6% in 10 epochs (trial_accuracy), so one or two more epochs come first: they
-# reach 90% if the H200 leaves the time; fewer epochs say what the time-to-accuracy curve looks like. Then
-# the earlier flagship and each of this one's levers taken away (the whitening stem, the BN settings, TTA).
+# the study's recipe reached 89.6-89.7% in 10 epochs and 89.8% with six-view TTA (trial_accuracy), so the
+# levers that cost no training time come first (six-view TTA, airbench's alternating flips, both), then one or
+# two more epochs, which reach 90% if the H200 leaves the time; fewer epochs say what the time-to-accuracy
+# curve looks like. Then the earlier flagship and each of this one's levers taken away (the whitening stem,
+# the BN settings, TTA).
 # The flagship's earlier recipes, for comparison: each names every setting it changes back.
 _PLAIN_BN = {"freeze_bn_scale": False, "bn_bias_lr_scale": 1.0}
 PAGE_FLAGSHIP = {"backbone": "fastnet_page", **_PLAIN_BN, "tta": "none"}  # se_placement until 2026-11-30 15:00

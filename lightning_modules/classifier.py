@@ -107,8 +107,9 @@ def eval_logits(net: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, tt
     - ``none``: ``net(x)``;
     - ``flip``: ``net(x) + net(mirrored x)``;
     - ``flip_translate``: airbench94's six views: the flip logits of ``x`` at weight 1/2 and of ``x`` shifted
-      diagonally by one pixel up-left and down-right (reflection fills the new edge) at 1/4 each. Training's
-      random crops shift images by up to ``default_padding`` pixels, so these views are ones it has seen.
+      diagonally by one pixel up-left and down-right at 1/4 each. Training's random crops make such shifts
+      (up to ``default_padding`` pixels, filling the edge with zeros); here, as in airbench, a reflection
+      fills the one new row and column.
     """
     if tta == "none":
         return net(x)

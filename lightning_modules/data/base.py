@@ -244,7 +244,7 @@ class ArrayDataModule(pl.LightningDataModule):
             "normalization": {"mean": list(d.mean), "std": list(d.std),
                               "computed_on": f"train split ({n_train} images)"},
             "augment": {"random_crop_padding": default_padding(self.image_size),
-                        "horizontal_flip": self.cfg.flip if self.hflip else "never"} if self.cfg.augment else None,
+                        "horizontal_flip": self.train_flip} if self.cfg.augment else None,
             "batch_size": self.cfg.batch_size,
             "eval_batch_size": self.eval_batch_size,
         }
@@ -318,6 +318,11 @@ class ArrayDataModule(pl.LightningDataModule):
             self._device_copy = (device, copies)
         return self._device_copy[1]
 
+    @property
+    def train_flip(self) -> str:
+        """How training batches are mirrored: the config's ``flip``, or "never" for data that must not be."""
+        return self.cfg.flip if self.hflip else "never"
+
     def release_device_copy(self) -> None:
         """Drop the device-resident tensors (the host arrays stay for the next trial)."""
         self._device_copy = None
@@ -338,5 +343,5 @@ class ArrayDataModule(pl.LightningDataModule):
         return DeviceBatchLoader(
             images, labels, indices=indices, batch_size=self.cfg.batch_size if shuffle else self.eval_batch_size,
             mean=d.mean, std=d.std, shuffle=shuffle, augment=augment, padding=default_padding(self.image_size),
-            flip=self.cfg.flip if self.hflip else "never", seed=seed, world_size=world, rank=rank,
+            flip=self.train_flip, seed=seed, world_size=world, rank=rank,
         )

@@ -42,13 +42,13 @@ def ready_datamodule(cfg: DataConfig) -> pl.LightningDataModule:
 
 
 def prepare_datamodule(cfg: StudyConfig) -> pl.LightningDataModule:
-    """The study's DataModule, set up; every data problem becomes one line for the user, and so does flip
-    test-time augmentation on data whose mirror image is another thing (digits: a mirrored 2 is no 2)."""
-    dataset = cfg.data.dataset
-    # The dataset class says it (``hflip``): refused before any image is decoded.
+    """The study's DataModule, set up; every data problem becomes one line for the user, and so does
+    test-time augmentation (every mode mirrors) on data whose mirror image is another thing (digits: a
+    mirrored 2 is no 2). Both are checked before any image is decoded."""
+    data = data_config(cfg)  # validates the dataset name first
     tta = cfg.training.tta
-    if tta != "none" and not getattr(DATASETS.get(dataset), "hflip", True):  # every TTA mode mirrors
-        raise UsageError(f"{cfg.name}: training.tta: {tta} evaluates mirrored images, but {dataset} is not "
+    if tta != "none" and not DATASETS.get(data.name).hflip:
+        raise UsageError(f"{cfg.name}: training.tta: {tta} evaluates mirrored images, but {data.name} is not "
                          f"mirror-symmetric (its training never flips); set tta: none for it "
-                         f"(in by_dataset.{dataset}.training, or the study's training)")
-    return ready_datamodule(data_config(cfg))
+                         f"(in by_dataset.{data.name}.training, or the study's training)")
+    return ready_datamodule(data)

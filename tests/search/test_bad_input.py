@@ -48,6 +48,8 @@ def _arg(tmp_path: Path, arg: str, study: Path) -> str:
         (["--study", "QUICK", "--gpus", "zero"], "--gpus: expected 'all' or comma-separated"),
         (["--study", "QUICK", "--workers", "0"], "--workers: must be >= 1"),
         (["--study", "QUICK", "--dataset", "mnist"], "unknown dataset 'mnist'"),
+        # The flagship evaluates with flip TTA, which is checked against the dataset: the name comes first.
+        (["--study", "se_placement", "--dataset", "mnist"], "data.name: unknown dataset 'mnist'"),
         (["--study", "QUICK", "--dataset", "imagefolder", "--data-dir", "/nonexistent/tree"], "/nonexistent/tree"),
         (["--study", "QUICK", "--no-such-flag"], "unrecognized arguments: --no-such-flag"),
         # Study files given by path: malformed, not a mapping, invalid keys and values.

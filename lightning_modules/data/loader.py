@@ -11,6 +11,7 @@ into real ``torch.utils.data.DataLoader`` objects, so this loader is safe whatev
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterator, Sequence
 
@@ -144,11 +145,13 @@ class DeviceBatchLoader:
             if self.flip == "never":
                 flips = torch.zeros_like(flips)
             elif self.flip == "alternate":
-                flips = self._first_epoch_flips()[visits] ^ bool(epoch % 2)
+                flips = self._first_epoch_flips[visits] ^ bool(epoch % 2)
         return visits, None if offsets is None else offsets[mine], flips
 
+    @functools.cached_property
     def _first_epoch_flips(self) -> torch.Tensor:
-        """Per image of the pool (so every split and every rank agree), its flip in epoch 0 under "alternate"."""
+        """Per image of the pool (so every split and every rank agree), its flip in epoch 0 under "alternate";
+        drawn once, as it depends only on the seed."""
         g = torch.Generator().manual_seed(epoch_seed(self.seed, _ALTERNATE_FLIP_STREAM))
         return torch.rand(len(self.images), generator=g) < 0.5
 

@@ -60,8 +60,9 @@ class TrainingRecipe:
     schedule: str = "onecycle"
     warmup_fraction: float = 0.2
     # Test-time augmentation for validation and test (``eval_logits``): "flip" adds the logits of the mirrored
-    # images (as airbench does; about +0.5 point on CIFAR for one more forward pass over the evaluation
-    # splits); "flip_translate" also those of the images shifted one pixel either way (airbench's level 2).
+    # images (as airbench does; +1.1 points on se_placement's default trial for one more forward pass over the
+    # evaluation splits); "flip_translate" also those of the images shifted one pixel either way (airbench's
+    # level 2; +0.1 point more there, for three times flip's evaluation). Measured: benchmarks/README.md.
     tta: str = dataclasses.field(default="none", metadata=ADDED_LATER)
     # Page's and airbench's batch-norm treatment: BN scales frozen at 1 and BN biases trained at
     # ``bn_bias_lr_scale`` times the learning rate (they use 64; airbench's ablation: 22 -> 17 epochs to 94%).

@@ -123,15 +123,29 @@ def test_count_cost_flops_are_twice_macs_and_dict_has_three_keys() -> None:
     assert Cost(params=1, macs=5).flops == 10
 
 
-def test_count_cost_falls_back_to_cpu_when_meta_fails(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_count_cost_builds_for_real_when_meta_build_fails(monkeypatch: pytest.MonkeyPatch) -> None:
+    built_on: list[str] = []
+
     def no_meta(cfg: ArchConfig) -> nn.Module:
-        if torch.empty(()).device.type == "meta":
+        built_on.append(torch.empty(()).device.type)
+        if built_on[-1] == "meta":
             raise NotImplementedError("no meta kernel")
         return build_network(cfg)
 
-    expected = count_cost(_tiny("pre", "avgmax"))
+    cfg = _tiny("pre", "avgmax")
+    expected = count_cost(cfg)
+    count_cost.cache_clear()  # else the second call is the first one's cached answer
     monkeypatch.setattr(cost_module, "build_network", no_meta)
-    assert count_cost(_tiny("pre", "avgmax")) == expected
+    assert count_cost(cfg) == expected
+    assert built_on == ["meta", "cpu"]
+
+
+@pytest.mark.parametrize("backbone", ["resnet20", "fastnet_whiten"])
+def test_count_cost_does_not_depend_on_weights(backbone: str) -> None:
+    """The count runs zero-filled weights; a trained-looking network (real initialisation) counts the same."""
+    cfg = build_arch(backbone, placement=("standard", "pre", "post"), reduction=4, pooling="gem")
+    count_cost.cache_clear()
+    assert count_cost(cfg).macs == cost_module._count_macs(build_network(cfg), torch.device("cpu"), cfg)
 
 
 # --------------------------------------------------------------------------- published architectures

@@ -91,24 +91,35 @@ def overhead(args: argparse.Namespace, study: str, overrides: dict[str, Any], de
             seconds, trial = platform_trial(cfg, dm, devices, storage, params)
             platform_s.append(seconds)
             trials.append(trial)
-    ratio = min(platform_s) / min(hand_s)
-    # Each pair's own ratio too: on a shared VM the machine's speed drifts by several percent between runs of
-    # half a minute, and the spread of the pairs shows how much of a verdict near 1.05 is that drift.
-    pair_ratios = [p / h for p, h in zip(platform_s, hand_s, strict=True)]
+    verdict = overhead_ratio(platform_s, hand_s)
     return {
-        "summary": f"platform {min(platform_s):.2f} s vs hand-written {min(hand_s):.2f} s: ratio {ratio:.3f} (pairs "
-                   f"{min(pair_ratios):.3f}-{max(pair_ratios):.3f}, median {statistics.median(pair_ratios):.3f})",
+        "summary": f"platform {min(platform_s):.2f} s vs hand-written {min(hand_s):.2f} s: median pair ratio "
+                   f"{verdict['ratio']:.3f} (pairs {min(verdict['pair_ratios']):.3f}-{max(verdict['pair_ratios']):.3f}"
+                   f", fastest vs fastest {verdict['min_ratio']:.3f})",
         "target": "ratio <= 1.05",
-        "met": ratio <= 1.05,
+        "met": verdict["ratio"] <= 1.05,
         "platform_seconds": platform_s,
         "hand_seconds": hand_s,
-        "ratio": ratio,
-        "pair_ratios": pair_ratios,
+        **verdict,
         "platform_val_accuracy": [t.user_attrs.get("val_accuracy") for t in trials],
         "platform_test_accuracy": [t.user_attrs.get("test_accuracy") for t in trials],
         "platform_train_seconds": [t.user_attrs.get("train_seconds") for t in trials],
         "hand": hand,
     }
+
+
+def overhead_ratio(platform_s: list[float], hand_s: list[float]) -> dict[str, Any]:
+    """Target 2's ratio from alternating (hand-written, platform) pairs: the median of each pair's own ratio.
+
+    The two runs of a pair are adjacent in time, so a drift in the machine's speed (several percent between
+    half-minute runs on a shared VM, measured) hits both alike and cancels in the pair's ratio; the median
+    then ignores one pair caught by a burst. The fastest platform run over the fastest hand-written one
+    (``min_ratio``, this benchmark's verdict until 2026-11-30) compares runs minutes apart, so drift alone
+    moved it between 1.02 and 1.12 on the same code; it is kept beside the verdict.
+    """
+    pair_ratios = [p / h for p, h in zip(platform_s, hand_s, strict=True)]
+    return {"ratio": statistics.median(pair_ratios), "pair_ratios": pair_ratios,
+            "min_ratio": min(platform_s) / min(hand_s)}
 
 
 def study_variant(tmp: Path, study: str, name: str, **changes: Any) -> Path:

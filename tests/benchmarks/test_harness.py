@@ -13,7 +13,7 @@ from typing import Any
 import optuna
 import pytest
 
-from benchmarks import gpu, record
+from benchmarks import gpu, harness, record
 from benchmarks import run as bench
 from lightning_modules.registry import Registry
 
@@ -97,6 +97,18 @@ def test_steady_rate_counts_complete_trials_between_first_start_and_last_end() -
     trials = [trial(0, 10, optuna.trial.TrialState.COMPLETE), trial(5, 30, optuna.trial.TrialState.COMPLETE),
               trial(1, 100, optuna.trial.TrialState.FAIL)]
     assert gpu._trials_per_hour(trials) == pytest.approx(2 / 30 * 3600)
+
+
+def test_overhead_verdict_is_the_median_pair_ratio_so_machine_drift_cancels() -> None:
+    """The machine slows by 10% after the first pair: each pair's platform run is 2% over its hand run, but
+    the fastest platform run over the fastest hand run says 12%."""
+    hand = [1.0, 1.1, 1.1]
+    platform = [1.02 * h for h in hand]
+    platform[0] = 1.12  # pair 0's platform run was caught by the slowdown
+    verdict = harness.overhead_ratio(platform, hand)
+    assert verdict["pair_ratios"] == pytest.approx([1.12, 1.02, 1.02])
+    assert verdict["ratio"] == pytest.approx(1.02)
+    assert verdict["min_ratio"] == pytest.approx(1.12)
 
 
 def test_storage_share_times_the_workers_real_loop(tmp_path: Path) -> None:

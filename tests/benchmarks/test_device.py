@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 import zipfile
@@ -99,6 +100,9 @@ def test_every_gpu_benchmark_runs_in_the_dry_run_and_lands_in_out(device_run) ->
     # trial_speed shares overhead_gpu's runs but keeps its own target and verdict (accuracy >= 0.9 fails here).
     assert (speed["target"], speed["met"]) == (">= 90% test accuracy in <= 10 s", False)
     assert speed["summary"].endswith("images/s") and results["overhead_gpu"]["target"] == "ratio <= 1.05"
+    overhead = results["overhead_gpu"]
+    assert overhead["ratio"] == statistics.median(overhead["pair_ratios"])
+    assert len(overhead["pair_ratios"]) == len(overhead["hand_seconds"]) == len(overhead["platform_seconds"])
     assert len(results["recipe_sweep"]["variants"]) == len(RECIPE_VARIANTS)
     assert set(results["full_devices"]["trials_per_hour"]) == {"1", "4"}
     assert results["whole_study"]["finished"] == 4

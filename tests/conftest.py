@@ -48,3 +48,13 @@ def one_torch_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def small_cifar(tree: Path, train_per_class: int = 12, test_per_class: int = 4) -> None:
+    """The first images of each class of the shared CIFAR-10 copy, in the same layout."""
+    for split, count in (("train", train_per_class), ("test", test_per_class)):
+        for class_dir in sorted((SHARED_CIFAR / split).iterdir()):
+            target = tree / split / class_dir.name
+            target.mkdir(parents=True)
+            for image in sorted(class_dir.iterdir())[:count]:
+                (target / image.name).write_bytes(image.read_bytes())

@@ -19,20 +19,10 @@ from pathlib import Path
 import pytest
 
 from benchmarks.gpu import RECIPE_VARIANTS
-from tests.conftest import REPO, SHARED_CIFAR
+from tests.conftest import REPO, SHARED_CIFAR, small_cifar
 
 TOOL = REPO.parent / "shared" / "tools" / "jpeg_tree_blob.py"
 GPU_BENCHMARKS = ["trial_speed", "overhead_gpu", "trial_profile", "recipe_sweep", "full_devices", "whole_study"]
-
-
-def _small_cifar(tree: Path, train_per_class: int = 12, test_per_class: int = 4) -> None:
-    """The first images of each class of the shared CIFAR-10 copy, in the same layout."""
-    for split, count in (("train", train_per_class), ("test", test_per_class)):
-        for class_dir in sorted((SHARED_CIFAR / split).iterdir()):
-            target = tree / split / class_dir.name
-            target.mkdir(parents=True)
-            for image in sorted(class_dir.iterdir())[:count]:
-                (target / image.name).write_bytes(image.read_bytes())
 
 
 def _probe_wheel(directory: Path) -> None:
@@ -60,7 +50,7 @@ def device_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.Com
     for part in ("benchmarks", "lightning_modules", "search", "studies"):
         (tree / part).symlink_to(REPO / part)
     _probe_wheel(tree / ".whl")
-    _small_cifar(base / "cifar")
+    small_cifar(base / "cifar")
     (tree / ".devdata").mkdir()
     subprocess.run([sys.executable, str(TOOL), "pack", str(base / "cifar"), str(tree / ".devdata/cifar10-jpeg.npz")],
                    check=True, capture_output=True)

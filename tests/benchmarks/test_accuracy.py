@@ -1,0 +1,35 @@
+"""``trial_accuracy`` end to end on a few CIFAR-10 JPEGs: the study's default trial through the hand loop, every
+test-time augmentation scored on the same weights, at the precision the machine has native kernels for."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from benchmarks import accuracy
+from lightning_modules.classifier import TTA_MODES
+from tests.conftest import REPO, small_cifar
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def test_trial_accuracy_scores_every_tta_on_the_same_weights_at_the_native_precision(tmp_path: Path) -> None:
+    small_cifar(tmp_path / "cifar", train_per_class=16, test_per_class=4)
+    spec = yaml.safe_load((REPO / "studies/se_placement.yaml").read_text())
+    spec["training"] |= {"epochs": 2, "batch_size": 32}
+    study = tmp_path / "tiny_se_placement.yaml"
+    study.write_text(yaml.safe_dump(spec))
+
+    result = accuracy.trial_accuracy(argparse.Namespace(study=str(study), data_dir=str(tmp_path / "cifar")))
+
+    # A CPU without bf16 kernels (AVX2 only, as some of our CI machines) emulates bf16 16x slower: fp32 there.
+    assert result["precision"] == ("bf16" if accuracy.native_bf16(torch.device("cpu")) else "fp32")
+    assert result["precision"] in result["summary"]
+    assert sorted(result["test_accuracy"]) == sorted(TTA_MODES) == sorted(result["val_curves"])
+    assert all(0.0 <= acc <= 1.0 for acc in result["test_accuracy"].values())
+    assert all(len(curve) == 2 for curve in result["val_curves"].values())
+    assert result["met"] == (result["test_accuracy"][spec["training"]["tta"]] >= 0.90)

@@ -25,20 +25,21 @@ from collections import Counter
 from pathlib import Path
 
 import optuna
+import torch
 from optuna.trial import FrozenTrial, TrialState
 from tqdm import tqdm
 
 from lightning_modules.backbones import BACKBONES
 from search import redact
 from search.data import prepare_datamodule
-from search.devices import Slot, plan_slots
+from search.devices import Slot, pin_threads, plan_slots
 from search.errors import UsageError, UsageParser, at_least, cli_main
 from search.objective import Devices, TrialRunner, trial_seed
 from search.pareto import front_table, hypervolume, pareto_front, reference_costs
 from search.storage import STORAGE_ENV, masked, open_storage, resolve_storage_url, resolve_study_name, runs_dir
 from search.study_config import load_study
 from search.study_store import create_or_load_study, default_study_name
-from search.worker import FAIL_REASON_ATTR, WorkerSpec
+from search.worker import FAIL_REASON_ATTR, THREADS_ATTR, WorkerSpec
 
 __all__ = ["main"]
 
@@ -205,6 +206,9 @@ def _rerun(args: argparse.Namespace, storage: optuna.storages.BaseStorage, name:
     stored = next((t for t in study.get_trials(deepcopy=False) if t.number == args.rerun_trial), None)
     if stored is None:
         raise UsageError(f"--rerun-trial: study {study.study_name!r} has no trial {args.rerun_trial}")
+    threads = stored.user_attrs.get(THREADS_ATTR)
+    if threads:  # the trial's own count, whatever this shell's OMP_NUM_THREADS says (search.worker.THREADS_ATTR)
+        pin_threads(int(threads))
     dm = prepare_datamodule(cfg)
     gpu = plan_slots(args.gpus, 1, None)[0].accelerator == "gpu"
     runner = TrialRunner(cfg, dm, Devices("gpu" if gpu else "cpu", 1))
@@ -212,7 +216,7 @@ def _rerun(args: argparse.Namespace, storage: optuna.storages.BaseStorage, name:
     seed = stored.user_attrs.get("seed", trial_seed(cfg.seed, stored))
     result = runner.fit(design, seed, None)
     a = stored.user_attrs
-    print(f"trial {stored.number} ({stored.state.name}), seed {seed}:")
+    print(f"trial {stored.number} ({stored.state.name}), seed {seed}, {torch.get_num_threads()} torch threads:")
     # Six decimals: the point is to show that the rerun reproduces the stored accuracy exactly.
     print(f"  stored: val {a.get('val_accuracy', float('nan')):.6f}  test {a.get('test_accuracy', float('nan')):.6f}")
     print(f"  rerun:  val {result['val_accuracy']:.6f}  test {result['test_accuracy']:.6f}")

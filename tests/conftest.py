@@ -10,6 +10,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_CIFAR = REPO.parent / "shared" / "data" / "cifar10-jpeg"
+_OMP_NUM_THREADS = os.environ.get("OMP_NUM_THREADS")  # as the test run was started
 
 
 @pytest.fixture(autouse=True)
@@ -21,6 +22,12 @@ def _isolated_dirs(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest
     monkeypatch.setenv("SE_SEARCH_DATA_DIR", str(root / "data"))
     monkeypatch.delenv("SE_SEARCH_STORAGE", raising=False)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", os.environ.get("CUDA_VISIBLE_DEVICES", ""))
+    # A worker or DDP rank run in this process pins its thread count in os.environ (search.devices.pin_threads);
+    # later tests' subprocesses would inherit it and train with other threads than their own workers chose.
+    if _OMP_NUM_THREADS is None:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    else:
+        monkeypatch.setenv("OMP_NUM_THREADS", _OMP_NUM_THREADS)
 
 
 DEFAULT_POSTGRES = "postgresql+psycopg://postgres@127.0.0.1:5432/test"

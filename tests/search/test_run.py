@@ -107,3 +107,19 @@ def test_run_rerun_trial_reports_stored_and_new_accuracy(tmp_path: Path) -> None
     rerun_val = float(result.stdout.split("rerun:")[1].split()[1])
     # Same seed, same data, same network on the CPU: the rerun reproduces the stored accuracy.
     assert rerun_val == pytest.approx(stored.user_attrs["val_accuracy"], abs=1e-6)
+
+
+def test_run_rerun_trial_uses_the_trials_own_thread_count(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """CPU kernels sum in an order that follows the thread count, so a rerun in another environment (here one
+    thread, where the worker had every core) trains another network unless it pins the trial's count. Seen in
+    CI, where an earlier test had left OMP_NUM_THREADS=1 behind for later subprocesses."""
+    study_file = write_study(tmp_path, QUICK_STUDY.replace("trials: 3", "trials: 1"))
+    assert _run(tmp_path, study_file).returncode == 0
+    stored = _load(tmp_path).trials[0]
+    assert stored.user_attrs["torch_threads"] >= 1  # the worker's: every core of this machine for one worker
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    result = _run(tmp_path, study_file, "--rerun-trial", "0")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"{stored.user_attrs['torch_threads']} torch threads" in result.stdout
+    rerun_val = float(result.stdout.split("rerun:")[1].split()[1])
+    assert rerun_val == pytest.approx(stored.user_attrs["val_accuracy"], abs=1e-6)

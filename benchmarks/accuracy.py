@@ -9,23 +9,12 @@ from typing import Any
 import optuna
 import torch
 
-from benchmarks.baseline import hand_written_fit
+from benchmarks.baseline import hand_written_fit, native_bf16
 from benchmarks.harness import LONG, default_params
 from lightning_modules.classifier import TTA_MODES
 from search.data import prepare_datamodule
 from search.objective import Devices, TrialRunner
 from search.study_config import load_study
-
-
-def native_bf16(device: torch.device) -> bool:
-    """Whether bf16 autocast runs on native kernels on ``device``: CUDA devices that support it, and CPUs whose
-    oneDNN has bf16 kernels (AVX-512 BF16 or AMX). Elsewhere PyTorch emulates bf16: on an AVX2-only VM one
-    convolution's forward and backward took 4.1 s in bf16 against 0.25 s in fp32 (2026-11-30), which turns
-    trial_accuracy's hour into most of a day."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    supported = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)  # private; absent: assume emulated
-    return bool(supported and supported())
 
 
 def _progress(epoch: int, val_accuracy: float) -> None:
@@ -48,7 +37,7 @@ def trial_accuracy(args: argparse.Namespace) -> dict[str, Any]:
     recipe = design.recipe
     others = tuple(tta for tta in TTA_MODES if tta != recipe.tta)
     bf16 = native_bf16(device)
-    precision = "bf16" if bf16 else "fp32 (no native bf16 here)"
+    precision = "bf16" if bf16 else "fp32"
     r = hand_written_fit(design.arch, recipe, dm, device, seed=0, bf16=bf16, also_tta=others, on_epoch=_progress)
     accuracy = {recipe.tta: r["test_accuracy"], **{tta: r[f"test_accuracy_{tta}"] for tta in others}}
     curves = {recipe.tta: r["val_curve"], **{tta: r[f"val_curve_{tta}"] for tta in others}}
@@ -56,9 +45,10 @@ def trial_accuracy(args: argparse.Namespace) -> dict[str, Any]:
     by_tta = ", ".join(f"{accuracy[tta]:.4f} with tta {tta}" for tta in TTA_MODES)
     return {"summary": f"{cfg.name} ({cfg.backbone}, lr {recipe.lr:g}, label smoothing {recipe.label_smoothing:g}): "
                        f"test accuracy {by_tta}, after {recipe.epochs} epochs (study recipe: tta {recipe.tta}); "
-                       f"{precision} on {device.type}; val by epoch (no tta) {by_epoch}",
+                       f"{precision}{'' if bf16 else ' (no native bf16 here)'} on {device.type}; "
+                       f"val by epoch (no tta) {by_epoch}",
             "target": ">= 90% test accuracy (target 1's accuracy)", "met": accuracy[recipe.tta] >= 0.90,
-            "device": str(device), "precision": "bf16" if bf16 else "fp32", "study": cfg.name,
+            "device": str(device), "precision": precision, "study": cfg.name,
             "arch": str(design.arch), "recipe": str(recipe),
             "test_accuracy": accuracy, "val_curves": curves,
             "seconds": r["seconds"]}

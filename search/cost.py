@@ -109,8 +109,8 @@ def _counter_for(module: nn.Module) -> MacCounter | None:
     return None
 
 
-def _count_macs(net: nn.Module, device: torch.device, cfg: ArchConfig) -> int:
-    """Run one image through ``net`` on ``device`` and sum the counters' MACs over every module call."""
+def _count_macs(net: nn.Module, cfg: ArchConfig) -> int:
+    """Run one image through ``net`` (on the CPU) and sum the counters' MACs over every module call."""
     total = 0
 
     def hook(module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
@@ -124,7 +124,7 @@ def _count_macs(net: nn.Module, device: torch.device, cfg: ArchConfig) -> int:
         # eval(): batch norm in training mode refuses one value per channel (a 1x1 map at batch size 1).
         net.eval()
         with torch.no_grad():
-            net(torch.zeros(1, cfg.in_channels, cfg.image_size, cfg.image_size, device=device))
+            net(torch.zeros(1, cfg.in_channels, cfg.image_size, cfg.image_size))
     finally:
         for h in handles:
             h.remove()
@@ -134,17 +134,16 @@ def _count_macs(net: nn.Module, device: torch.device, cfg: ArchConfig) -> int:
 @functools.lru_cache(maxsize=1024)  # configs are frozen and hashable; studies revisit networks
 def count_cost(cfg: ArchConfig) -> Cost:
     """Parameters, MACs and FLOPs of the network ``cfg`` describes, per image (see the module docstring)."""
-    cpu = torch.device("cpu")
     try:
         with torch.device("meta"):
             net = build_network(cfg)
-        net = net.to_empty(device=cpu)
+        net = net.to_empty(device="cpu")
         with torch.no_grad():  # defined values, so nothing in the pass depends on leftover memory
             for tensor in itertools.chain(net.parameters(), net.buffers()):
                 tensor.zero_()
     except (NotImplementedError, RuntimeError):
         net = build_network(cfg)  # some initialiser without a meta kernel: build it for real
-    macs = _count_macs(net, cpu, cfg)
+    macs = _count_macs(net, cfg)
     params = sum(p.numel() for p in net.parameters())
     return Cost(params=params, macs=macs)
 

@@ -11,6 +11,7 @@ import torch
 import yaml
 
 from benchmarks import accuracy
+from benchmarks.baseline import native_bf16
 from lightning_modules.classifier import TTA_MODES
 from tests.conftest import REPO, small_cifar
 
@@ -27,7 +28,7 @@ def test_trial_accuracy_scores_every_tta_on_the_same_weights_at_the_native_preci
     result = accuracy.trial_accuracy(argparse.Namespace(study=str(study), data_dir=str(tmp_path / "cifar")))
 
     # A CPU without bf16 kernels (AVX2 only, as some of our CI machines) emulates bf16 16x slower: fp32 there.
-    assert result["precision"] == ("bf16" if accuracy.native_bf16(torch.device("cpu")) else "fp32")
+    assert result["precision"] == ("bf16" if native_bf16(torch.device("cpu")) else "fp32")
     assert result["precision"] in result["summary"]
     assert sorted(result["test_accuracy"]) == sorted(TTA_MODES) == sorted(result["val_curves"])
     assert all(0.0 <= acc <= 1.0 for acc in result["test_accuracy"].values())

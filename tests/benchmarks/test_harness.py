@@ -150,8 +150,7 @@ def test_hand_loop_evaluates_other_ttas_on_the_same_weights() -> None:
     ten minutes on an AVX2-only machine)."""
     import torch
 
-    from benchmarks.accuracy import native_bf16
-    from benchmarks.baseline import hand_written_fit
+    from benchmarks.baseline import hand_written_fit, native_bf16
     from benchmarks.harness import default_params
     from search.data import prepare_datamodule
     from search.objective import Devices, TrialRunner

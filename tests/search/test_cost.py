@@ -145,7 +145,7 @@ def test_count_cost_does_not_depend_on_weights(backbone: str) -> None:
     """The count runs zero-filled weights; a trained-looking network (real initialisation) counts the same."""
     cfg = build_arch(backbone, placement=("standard", "pre", "post"), reduction=4, pooling="gem")
     count_cost.cache_clear()
-    assert count_cost(cfg).macs == cost_module._count_macs(build_network(cfg), torch.device("cpu"), cfg)
+    assert count_cost(cfg).macs == cost_module._count_macs(build_network(cfg), cfg)
 
 
 # --------------------------------------------------------------------------- published architectures

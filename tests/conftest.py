@@ -13,21 +13,32 @@ SHARED_CIFAR = REPO.parent / "shared" / "data" / "cifar10-jpeg"
 _OMP_NUM_THREADS = os.environ.get("OMP_NUM_THREADS")  # as the test run was started
 
 
-@pytest.fixture(autouse=True)
-def _isolated_dirs(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+def isolated_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """The environment every test runs in: its own data and cache directories (never the home directory).
+    Fixtures wider than one test pass it to the subprocesses they start themselves, as the function-scoped
+    ``_isolated_dirs`` below is not in force yet when they run."""
     root = tmp_path_factory.getbasetemp()
     # The decoded-data cache is shared by the whole session (as it is by a study's workers); data and runs
     # directories are per test.
-    monkeypatch.setenv("SE_SEARCH_CACHE_DIR", str(root / "cache"))
-    monkeypatch.setenv("SE_SEARCH_DATA_DIR", str(root / "data"))
-    monkeypatch.delenv("SE_SEARCH_STORAGE", raising=False)
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", os.environ.get("CUDA_VISIBLE_DEVICES", ""))
+    env = {**os.environ, "SE_SEARCH_CACHE_DIR": str(root / "cache"), "SE_SEARCH_DATA_DIR": str(root / "data"),
+           "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES", "")}
+    env.pop("SE_SEARCH_STORAGE", None)
     # A worker or DDP rank run in this process pins its thread count in os.environ (search.devices.pin_threads);
     # later tests' subprocesses would inherit it and train with other threads than their own workers chose.
-    if _OMP_NUM_THREADS is None:
-        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    else:
-        monkeypatch.setenv("OMP_NUM_THREADS", _OMP_NUM_THREADS)
+    env.pop("OMP_NUM_THREADS", None)
+    if _OMP_NUM_THREADS is not None:
+        env["OMP_NUM_THREADS"] = _OMP_NUM_THREADS
+    return env
+
+
+@pytest.fixture(autouse=True)
+def _isolated_dirs(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    env = isolated_env(tmp_path_factory)
+    for name in set(os.environ) - set(env):
+        monkeypatch.delenv(name)
+    for name, value in env.items():
+        if os.environ.get(name) != value:
+            monkeypatch.setenv(name, value)
 
 
 DEFAULT_POSTGRES = "postgresql+psycopg://postgres@127.0.0.1:5432/test"

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import signal
 import socket
 import sqlite3
@@ -21,7 +20,7 @@ from pathlib import Path
 import optuna
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, isolated_env
 from tests.search.helpers import QUICK_STUDY, write_study
 
 ENGINE_STUDY_NAME = "se_placement-epochs=1"
@@ -31,16 +30,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def isolated_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    """The environment tests/conftest.py gives every test, for subprocesses started by wider-scoped fixtures
-    (function-scoped monkeypatching is not in force yet when those start)."""
-    base = tmp_path_factory.getbasetemp()
-    env = {**os.environ, "SE_SEARCH_CACHE_DIR": str(base / "cache"), "SE_SEARCH_DATA_DIR": str(base / "data"),
-           "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES", "")}
-    env.pop("SE_SEARCH_STORAGE", None)
-    return env
 
 
 @dataclass

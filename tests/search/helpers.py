@@ -43,9 +43,10 @@ def write_study(tmp_path: Path, text: str = QUICK_STUDY, name: str = "quick") ->
     return path
 
 
-def run_cli(module: str, *args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+def run_cli(module: str, *args: str, timeout: float = 600,
+            env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=timeout, check=False)
+                          timeout=timeout, check=False, env=env)
 
 
 # The smallest real study, for the reliability tests (crashes, faults, DDP, concurrency): QUICK_STUDY's tiny

@@ -1,8 +1,13 @@
-"""Bad input: one line on stderr, exit code 2, and nothing written to the storage."""
+"""Bad input: one line on stderr, exit code 2, and nothing written to the storage.
+
+Every case runs in a process of its own, forked from one that imported ``search.run`` once
+(``tests.forked_cli``); a representative few also run as a whole ``python -m search.run`` process, which
+shows that nothing printed while the command is imported breaks the one-line rule."""
 
 from __future__ import annotations
 
 import subprocess
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import optuna
@@ -11,7 +16,15 @@ import pytest
 from search.storage import open_storage
 from search.study_config import load_study
 from search.study_store import create_or_load_study
+from tests.conftest import REPO
+from tests.forked_cli import ForkedCli
 from tests.search.helpers import run_cli, write_study
+
+
+@pytest.fixture(scope="module")
+def search_run() -> Iterator[ForkedCli]:
+    with ForkedCli("search.run", REPO) as cli:
+        yield cli
 
 
 def _study_count(db: Path) -> int:
@@ -35,9 +48,7 @@ def _arg(tmp_path: Path, arg: str, study: Path) -> str:
     return str(tmp_path / "empty") if arg == "EMPTY" else arg
 
 
-@pytest.mark.parametrize(
-    ("args", "expected"),
-    [
+BAD_INPUT = [
         (["--study", "no_such_study"], "unknown study 'no_such_study'"),
         (["--study", "QUICK", "--trials", "0"], "--trials: must be >= 1"),
         (["--study", "QUICK", "--epochs", "-1"], "--epochs: must be >= 1"),
@@ -87,9 +98,15 @@ def _arg(tmp_path: Path, arg: str, study: Path) -> str:
         (["--study", "QUICK", "--storage", "postgresql+nosuchdriver://u:s3cret@127.0.0.1/x"], "--storage: cannot open"),
         (["--study", "QUICK", "--storage", "sqlite://"], "an in-memory SQLite database cannot be shared"),
         (["--study", "QUICK", "--rerun-trial", "0"], "--study: no study named 'quick'"),
-    ],
-)
-def test_run_bad_input_one_line_exit_2_no_write(tmp_path: Path, args: list[str], expected: str) -> None:
+    ]
+
+# The cases also run as a whole ``python -m search.run`` process: a bad flag (argparse), a bad study file, an
+# unreachable storage with a password in its URL, and missing data (the last check before the study is made).
+WHOLE_PROCESS = [BAD_INPUT[i] for i in (3, 15, 5, 23)]
+
+
+def _bad_input_case(run: Callable[..., subprocess.CompletedProcess[str]], tmp_path: Path, args: list[str],
+                    expected: str) -> None:
     study = write_study(tmp_path)
     db = tmp_path / "studies.db"
     (tmp_path / "empty").mkdir()
@@ -97,13 +114,19 @@ def test_run_bad_input_one_line_exit_2_no_write(tmp_path: Path, args: list[str],
     expected = expected.replace("EMPTY", str(tmp_path / "empty"))
     if "--storage" not in args:
         args += ["--storage", f"sqlite:///{db}"]
-    result = run_cli("search.run", *args, "--runs-dir", str(tmp_path / "runs"), timeout=300)
-    assert result.returncode == 2, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    assert expected in lines[0]
-    assert "s3cret" not in result.stderr + result.stdout
+    _one_line_exit_2(run(*args, "--runs-dir", str(tmp_path / "runs")), expected)
     assert _study_count(db) == 0
+
+
+@pytest.mark.parametrize(("args", "expected"), BAD_INPUT)
+def test_run_bad_input_one_line_exit_2_no_write(search_run: ForkedCli, tmp_path: Path, args: list[str],
+                                                expected: str) -> None:
+    _bad_input_case(search_run.run, tmp_path, args, expected)
+
+
+@pytest.mark.parametrize(("args", "expected"), WHOLE_PROCESS)
+def test_run_bad_input_in_a_whole_process(tmp_path: Path, args: list[str], expected: str) -> None:
+    _bad_input_case(lambda *a: run_cli("search.run", *a, timeout=300), tmp_path, args, expected)
 
 
 def _one_line_exit_2(result: subprocess.CompletedProcess[str], expected: str) -> None:
@@ -130,7 +153,7 @@ def test_run_bad_postgres_database_one_line_exit_2(tmp_path: Path, pg_url: str, 
     ],
 )
 def test_run_changed_definition_on_postgres_refused_without_writing(
-    tmp_path: Path, pg_url: str, pg_study: str, change: tuple[str, str], expected: str
+    search_run: ForkedCli, tmp_path: Path, pg_url: str, pg_study: str, change: tuple[str, str], expected: str
 ) -> None:
     """A study of that name already holds another definition: refused before anything is written."""
     study_file = write_study(tmp_path)
@@ -140,8 +163,8 @@ def test_run_changed_definition_on_postgres_refused_without_writing(
     study.enqueue_trial({})
     before = (study.user_attrs, [t.number for t in study.trials])
     study_file.write_text(study_file.read_text().replace(*change))
-    result = run_cli("search.run", "--study", str(study_file), "--study-name", pg_study, "--storage", pg_url,
-                     "--runs-dir", str(tmp_path / "runs"), timeout=300)
+    result = search_run.run("--study", str(study_file), "--study-name", pg_study, "--storage", pg_url,
+                            "--runs-dir", str(tmp_path / "runs"))
     _one_line_exit_2(result, expected)
     after = optuna.load_study(study_name=pg_study, storage=storage)
     assert (after.user_attrs, [t.number for t in after.trials]) == before

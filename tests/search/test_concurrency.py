@@ -3,6 +3,7 @@ count, zero storage errors. Also the storage throughput benchmark (``benchmarks/
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -33,6 +34,9 @@ def test_concurrency_four_workers_share_one_study(tmp_path: Path, storage_url: s
     assert len({t.user_attrs["worker"] for t in complete}) >= 2  # the work was shared
     logs = worker_logs(runs, study_name) + result.stderr
     assert not [e for e in STORAGE_ERRORS if e in logs], logs[-3000:]
+    if storage_url.startswith("sqlite"):  # readers never wait for the writer: set on the file by search.storage
+        with sqlite3.connect(storage_url.removeprefix("sqlite:///")) as conn:
+            assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 
 
 @pytest.mark.parametrize("storage_url", ["sqlite", "postgresql"], indirect=True)

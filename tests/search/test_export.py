@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import subprocess
 import sys
 import time
@@ -20,7 +19,7 @@ import pytest
 from optuna.trial import TrialState
 
 from search.export import columns, read_trials, trials_dataframe, write_trials
-from tests.conftest import REPO
+from tests.conftest import REPO, isolated_env
 from tests.dashboards.synthetic import ablation_study, per_stage_study
 from tests.search.helpers import QUICK_STUDY, run_cli, write_study
 
@@ -173,8 +172,7 @@ def engine_study(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
     root = tmp_path_factory.mktemp("export-engine")
     study_file = write_study(root, QUICK_STUDY, name="se_placement")
     url = f"sqlite:///{root / 'studies.db'}"
-    base = tmp_path_factory.getbasetemp()
-    env = {**os.environ, "SE_SEARCH_CACHE_DIR": str(base / "cache"), "SE_SEARCH_DATA_DIR": str(base / "data")}
+    env = isolated_env(tmp_path_factory)
     result = subprocess.run([sys.executable, "-m", "search.run", "--study", str(study_file), "--storage", url,
                              "--runs-dir", str(root / "runs"), "--epochs", "1", "--poll", "0.2"],
                             cwd=REPO, env=env, capture_output=True, text=True, timeout=900, check=False)

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import sqlite3
+import shutil
 from pathlib import Path
 
 import optuna
 import pytest
 from optuna.trial import TrialState
 
+from tests.conftest import isolated_env
 from tests.search.helpers import QUICK_STUDY, run_cli, write_study
 
 pytestmark = pytest.mark.slow
@@ -65,18 +66,38 @@ def test_run_digits_study_completes_and_prints_front(tmp_path: Path) -> None:
     assert study.metric_names == ["val_accuracy", "flops"]
 
 
-def test_run_resume_adds_trials_up_to_new_total(tmp_path: Path) -> None:
-    study_file = write_study(tmp_path, QUICK_STUDY.replace("trials: 3", "trials: 2"))
-    assert _run(tmp_path, study_file).returncode == 0
-    assert len(_load(tmp_path).get_trials(states=FINISHED)) == 2
+def test_run_resume_adds_trials_up_to_new_total(one_trial_run: Path, tmp_path: Path) -> None:
+    study_file = _copy_of(one_trial_run, tmp_path)
+    first = _load(tmp_path).get_trials(states=FINISHED)
+    assert len(first) == 1
     again = _run(tmp_path, study_file, "--trials", "3")
     assert again.returncode == 0, again.stderr[-3000:]
-    assert len(_load(tmp_path).get_trials(states=FINISHED)) == 3
+    assert "resuming: 1 finished" in again.stdout
+    trials = _load(tmp_path).get_trials(states=FINISHED)
+    assert len(trials) == 3 and trials[0].params == first[0].params  # the first trial kept, two added
 
 
-def test_run_changed_definition_is_refused_without_writing(tmp_path: Path) -> None:
-    study_file = write_study(tmp_path, QUICK_STUDY.replace("trials: 3", "trials: 1"))
-    assert _run(tmp_path, study_file).returncode == 0
+@pytest.fixture(scope="module")
+def one_trial_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A directory holding the quick study cut to one trial and the SQLite file of a finished run of it; tests
+    that only reread or refuse it take a copy (``_copy_of``) rather than train their own."""
+    root = tmp_path_factory.mktemp("one-trial")
+    study_file = write_study(root, QUICK_STUDY.replace("trials: 3", "trials: 1"))
+    result = run_cli("search.run", "--study", str(study_file), "--storage", _storage(root), "--runs-dir",
+                     str(root / "runs"), "--poll", "0.2", env=isolated_env(tmp_path_factory))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return root
+
+
+def _copy_of(run: Path, tmp_path: Path) -> Path:
+    """The run's study file and database copied into ``tmp_path``; returns the study file's copy."""
+    for name in ("quick.yaml", "studies.db"):
+        shutil.copy2(run / name, tmp_path / name)
+    return tmp_path / "quick.yaml"
+
+
+def test_run_changed_definition_is_refused_without_writing(one_trial_run: Path, tmp_path: Path) -> None:
+    study_file = _copy_of(one_trial_run, tmp_path)
     before = len(_load(tmp_path).get_trials())
     study_file.write_text(QUICK_STUDY.replace("reduction: [4, 16]", "reduction: [8]"))
     result = _run(tmp_path, study_file, "--trials", "2")
@@ -85,21 +106,8 @@ def test_run_changed_definition_is_refused_without_writing(tmp_path: Path) -> No
     assert len(_load(tmp_path).get_trials()) == before
 
 
-def test_run_two_workers_share_one_sqlite_study(tmp_path: Path) -> None:
-    study_file = write_study(tmp_path, QUICK_STUDY.replace("trials: 3", "trials: 4"))
-    result = _run(tmp_path, study_file, "--workers", "2")
-    assert result.returncode == 0, result.stderr[-3000:]
-    trials = _load(tmp_path).get_trials()
-    finished = [t for t in trials if t.state in FINISHED]
-    assert len(finished) == 4
-    assert len({t.number for t in trials}) == len(trials)
-    with sqlite3.connect(tmp_path / "studies.db") as conn:
-        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-
-
-def test_run_rerun_trial_reports_stored_and_new_accuracy(tmp_path: Path) -> None:
-    study_file = write_study(tmp_path, QUICK_STUDY.replace("trials: 3", "trials: 1"))
-    assert _run(tmp_path, study_file).returncode == 0
+def test_run_rerun_trial_reports_stored_and_new_accuracy(one_trial_run: Path, tmp_path: Path) -> None:
+    study_file = _copy_of(one_trial_run, tmp_path)
     stored = _load(tmp_path).trials[0]
     result = _run(tmp_path, study_file, "--rerun-trial", "0")
     assert result.returncode == 0, result.stderr[-3000:]
@@ -109,12 +117,12 @@ def test_run_rerun_trial_reports_stored_and_new_accuracy(tmp_path: Path) -> None
     assert rerun_val == pytest.approx(stored.user_attrs["val_accuracy"], abs=1e-6)
 
 
-def test_run_rerun_trial_uses_the_trials_own_thread_count(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_run_rerun_trial_uses_the_trials_own_thread_count(one_trial_run: Path, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     """CPU kernels sum in an order that follows the thread count, so a rerun in another environment (here one
     thread, where the worker had every core) trains another network unless it pins the trial's count. Seen in
     CI, where an earlier test had left OMP_NUM_THREADS=1 behind for later subprocesses."""
-    study_file = write_study(tmp_path, QUICK_STUDY.replace("trials: 3", "trials: 1"))
-    assert _run(tmp_path, study_file).returncode == 0
+    study_file = _copy_of(one_trial_run, tmp_path)
     stored = _load(tmp_path).trials[0]
     assert stored.user_attrs["torch_threads"] >= 1  # the worker's: every core of this machine for one worker
     monkeypatch.setenv("OMP_NUM_THREADS", "1")

@@ -40,7 +40,7 @@ class Plan:
     full_devices_epochs: int
     profile_epochs: int
     study_flags: tuple[str, ...] = ()  # extra search.run flags for whole_study (epochs come from ``epochs``)
-    batch_size: int | None = None  # every batch capped at this (the dry run's few hundred images); None: own
+    batch_size: int | None = None  # every batch capped at this (the dry run's few dozen images); None: own
     max_workers: int | None = None  # whole_study's workers capped at this; None: --trials-per-gpu's
 
     def worker_count(self, k: int) -> int:

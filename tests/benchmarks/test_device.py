@@ -4,7 +4,7 @@ is lent for minutes, so its script and every GPU benchmark are exercised before 
 What runs is what runs there: the carried wheels are installed (a small wheel built here, offline), the
 data is unpacked from a file packed by ``../shared/tools/jpeg_tree_blob.py`` (as ``prepare_device.sh``
 packs it), and each GPU benchmark's code trains real networks through the platform and the hand loop, only
-on the CPU, on a few hundred CIFAR-10 images, for one epoch (``benchmarks.gpu.DRY``)."""
+on the CPU, on 80 CIFAR-10 images, for one epoch (``benchmarks.gpu.DRY``)."""
 
 from __future__ import annotations
 
@@ -50,7 +50,7 @@ def device_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.Com
     for part in ("benchmarks", "lightning_modules", "search", "studies"):
         (tree / part).symlink_to(REPO / part)
     _probe_wheel(tree / ".whl")
-    small_cifar(base / "cifar")
+    small_cifar(base / "cifar", train_per_class=6, test_per_class=2)  # 60 to train on, 20 to test
     (tree / ".devdata").mkdir()
     subprocess.run([sys.executable, str(TOOL), "pack", str(base / "cifar"), str(tree / ".devdata/cifar10-jpeg.npz")],
                    check=True, capture_output=True)
@@ -69,7 +69,7 @@ def test_device_script_installs_the_wheels_and_unpacks_the_data(device_run) -> N
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (work / "site/se_device_probe/__init__.py").read_text() == "CARRIED = True\n"
     unpacked = sorted(p.relative_to(work / "cifar10-jpeg") for p in (work / "cifar10-jpeg").rglob("*.jpg"))
-    assert len(unpacked) == 10 * (12 + 4)
+    assert len(unpacked) == 10 * (6 + 2)
     original = SHARED_CIFAR / unpacked[0]
     assert (work / "cifar10-jpeg" / unpacked[0]).read_bytes() == original.read_bytes()
 

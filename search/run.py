@@ -15,35 +15,12 @@ masked in everything printed or logged, and reach the workers on standard input,
 from __future__ import annotations
 
 import argparse
-import gc
 import os
-import signal
-import subprocess
 import sys
-import time
-from collections import Counter
-from pathlib import Path
 
-import optuna
-import torch
-from optuna.trial import FrozenTrial, TrialState
-from tqdm import tqdm
-
-from lightning_modules.backbones import BACKBONES
-from search import redact
-from search.data import prepare_datamodule
-from search.devices import Slot, pin_threads, plan_slots
-from search.errors import UsageError, UsageParser, at_least, cli_main
-from search.objective import Devices, TrialRunner, trial_seed
-from search.pareto import front_table, hypervolume, pareto_front, reference_costs
-from search.storage import STORAGE_ENV, masked, open_storage, resolve_storage_url, resolve_study_name, runs_dir
-from search.study_config import load_study
-from search.study_store import create_or_load_study, default_study_name
-from search.worker import FAIL_REASON_ATTR, THREADS_ATTR, WorkerSpec
+from search.errors import UsageParser, at_least, cli_main
 
 __all__ = ["main"]
-
-
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -78,232 +55,14 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _overrides(args: argparse.Namespace) -> dict[str, object]:
-    return {"dataset": args.dataset, "data_dir": args.data_dir, "epochs": args.epochs, "seed": args.seed}
+def _run(args: argparse.Namespace) -> int:
+    from search.study_run import run  # torch and Lightning: only once the flags have parsed
 
-
-def _trial_line(t: FrozenTrial) -> str:
-    a = t.user_attrs
-    head = f"trial {t.number:>4} {t.state.name:<8}"
-    if t.state == TrialState.FAIL:
-        return f"{head} {a.get(FAIL_REASON_ATTR, 'no heartbeat: its worker died or was killed; retried if allowed')}"
-    curve = a.get("val_accuracy_curve", [])
-    acc = a.get("val_accuracy", curve[-1] if curve else float("nan"))
-    test = f" test {a['test_accuracy']:.4f}" if "test_accuracy" in a else ""
-    stages = " ".join(a.get("placements", []))
-    return (
-        f"{head} val {acc:.4f}{test}  {a.get('flops', 0) / 1e6:9.2f} MFLOPs  {a.get('params', 0):>10,} params  "
-        f"{a.get('epochs_run', len(curve))} ep  {a.get('train_seconds', 0):.1f}s  [{stages}]"
-    )
-
-
-def _start_workers(slots: list[Slot], spec: WorkerSpec, log_dir: Path) -> list[tuple[subprocess.Popen, Path]]:
-    log_dir.mkdir(parents=True, exist_ok=True)
-    procs = []
-    for i, slot in enumerate(slots):
-        worker_spec = WorkerSpec(**{**spec.__dict__, "accelerator": slot.accelerator, "devices": slot.devices,
-                                    "threads": slot.threads, "worker_index": i})
-        log = log_dir / f"worker-{i}.log"
-        with log.open("ab") as fh:
-            # The spec holds the storage URL: it goes through a pipe, never onto the visible command line.
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "search.worker", "-"],
-                env={**slot.env(), "PYTHONUNBUFFERED": "1"},
-                stdin=subprocess.PIPE,
-                stdout=fh,
-                stderr=subprocess.STDOUT,
-                text=True,
-            )
-        assert proc.stdin is not None
-        proc.stdin.write(worker_spec.to_json())
-        proc.stdin.close()
-        procs.append((proc, log))
-    return procs
-
-
-def _monitor(study: optuna.Study, procs: list[tuple[subprocess.Popen, Path]], trials: int, poll: float) -> None:
-    seen = {t.number for t in study.get_trials(deepcopy=False) if t.state.is_finished()}
-    done = Counter(t.state for t in study.get_trials(deepcopy=False) if t.state.is_finished())
-    bar = tqdm(
-        total=trials,
-        initial=done[TrialState.COMPLETE] + done[TrialState.PRUNED],
-        unit="trial",
-        file=sys.stderr,
-        dynamic_ncols=True,
-        disable=None,
-    )
-    best = None
-    try:
-        while True:
-            alive = any(p.poll() is None for p, _ in procs)
-            for t in study.get_trials(deepcopy=False):
-                if t.state.is_finished() and t.number not in seen:
-                    seen.add(t.number)
-                    done[t.state] += 1
-                    tqdm.write(_trial_line(t), file=sys.stdout)
-                    if t.state in (TrialState.COMPLETE, TrialState.PRUNED):
-                        bar.update(1)
-                    if t.state == TrialState.COMPLETE:
-                        best = max(best or 0.0, t.values[0])
-            bar.set_postfix(
-                done=done[TrialState.COMPLETE],
-                pruned=done[TrialState.PRUNED],
-                failed=done[TrialState.FAIL],
-                best=f"{best:.4f}" if best is not None else "-",
-            )
-            if not alive:
-                return
-            time.sleep(poll)
-    finally:
-        bar.close()
-
-
-def _report_worker_failures(procs: list[tuple[subprocess.Popen, Path]]) -> int:
-    bad = 0
-    for i, (proc, log) in enumerate(procs):
-        if proc.returncode not in (0, None):
-            bad += 1
-            tail = log.read_text(errors="replace").strip().splitlines()[-15:]
-            print(f"worker {i} exited with code {proc.returncode}; last lines of {log}:", file=sys.stderr)
-            print("\n".join(f"  {line}" for line in tail), file=sys.stderr)
-    return bad
-
-
-def _stop_workers(procs: list[tuple[subprocess.Popen, Path]], sig: int = signal.SIGINT, timeout: float = 60.0) -> None:
-    """Pass the stop signal on (a terminal's Ctrl-C reached the workers already; a second one is ignored),
-    give them time to mark their trials, then make sure they are gone."""
-    for proc, _ in procs:
-        if proc.poll() is None:
-            proc.send_signal(sig)
-    deadline = time.monotonic() + timeout
-    for proc, _ in procs:
-        try:
-            proc.wait(max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            proc.terminate()
-            proc.wait(10)
-
-
-def _summary(study: optuna.Study) -> None:
-    trials = study.get_trials(deepcopy=False)
-    states = Counter(t.state.name for t in trials)
-    print(f"\nstudy {study.study_name!r}: " + ", ".join(f"{n} {s.lower()}" for s, n in sorted(states.items())))
-    front = pareto_front(study)
-    label = "Pareto front (validation accuracy vs FLOPs)" if len(study.directions) > 1 else "best trial"
-    print(f"{label}:\n{front_table(front)}")
-    objectives = study.user_attrs.get("objectives", ["val_accuracy"])
-    reference = study.user_attrs.get("reference_costs")
-    if len(objectives) > 1 and reference:
-        print(
-            f"hypervolume (accuracy x normalised cost, reference 2x plain backbone): "
-            f"{hypervolume(trials, objectives, reference):.4f}"
-        )
-
-
-def _rerun(args: argparse.Namespace, storage: optuna.storages.BaseStorage, name: str) -> int:
-    cfg = load_study(args.study, **_overrides(args))
-    study = optuna.load_study(study_name=resolve_study_name(storage, name), storage=storage)
-    stored = next((t for t in study.get_trials(deepcopy=False) if t.number == args.rerun_trial), None)
-    if stored is None:
-        raise UsageError(f"--rerun-trial: study {study.study_name!r} has no trial {args.rerun_trial}")
-    threads = stored.user_attrs.get(THREADS_ATTR)
-    if threads:  # the trial's own count, whatever this shell's OMP_NUM_THREADS says (search.worker.THREADS_ATTR)
-        pin_threads(int(threads))
-    dm = prepare_datamodule(cfg)
-    gpu = plan_slots(args.gpus, 1, None)[0].accelerator == "gpu"
-    runner = TrialRunner(cfg, dm, Devices("gpu" if gpu else "cpu", 1))
-    design = runner.design(optuna.trial.FixedTrial(stored.params, stored.number))
-    seed = stored.user_attrs.get("seed", trial_seed(cfg.seed, stored))
-    result = runner.fit(design, seed, None)
-    a = stored.user_attrs
-    print(f"trial {stored.number} ({stored.state.name}), seed {seed}, {torch.get_num_threads()} torch threads:")
-    # Six decimals: the point is to show that the rerun reproduces the stored accuracy exactly.
-    print(f"  stored: val {a.get('val_accuracy', float('nan')):.6f}  test {a.get('test_accuracy', float('nan')):.6f}")
-    print(f"  rerun:  val {result['val_accuracy']:.6f}  test {result['test_accuracy']:.6f}")
-    return 0
-
-
-class _Terminated(KeyboardInterrupt):
-    """SIGTERM: stop like Ctrl-C (the workers are sent SIGTERM in turn)."""
-
-
-def _on_sigterm(signum: int, frame: object) -> None:
-    raise _Terminated()
-
-
-def _resume_line(study: optuna.Study) -> str | None:
-    states = Counter(t.state for t in study.get_trials(deepcopy=False))
-    if not states:
-        return None
-    finished = states[TrialState.COMPLETE] + states[TrialState.PRUNED]
-    return (f"resuming: {finished} finished, {states[TrialState.RUNNING]} running (failed and retried once their "
-            f"heartbeat is older than the grace period, if their worker is gone), {states[TrialState.WAITING]} "
-            f"queued, {states[TrialState.FAIL]} failed")
-
-
-def run(args: argparse.Namespace) -> int:
-    redact.install(args.storage or os.environ.get(STORAGE_ENV))
-    cfg = load_study(args.study, trials=args.trials, **_overrides(args))
-    url = resolve_storage_url(args.storage, args.runs_dir)
-    slots = plan_slots(args.gpus, args.trials_per_gpu, args.workers, gpus_per_trial=args.gpus_per_trial,
-                       procs_per_trial=args.procs_per_trial)
-    storage = open_storage(url, heartbeat_interval=args.heartbeat_interval or None, grace_period=args.grace_period)
-    name = args.study_name or default_study_name(cfg, _overrides(args))
-    if args.rerun_trial is not None:
-        return _rerun(args, storage, name)
-    dm = prepare_datamodule(cfg)  # fails on missing data before the study is touched; fills the cache
-    shape = {"num_classes": dm.num_classes, "in_channels": dm.in_channels, "image_size": dm.image_size}
-    del dm
-    gc.collect()
-    study = create_or_load_study(
-        storage,
-        name,
-        cfg,
-        BACKBONES.get(cfg.backbone)().num_stages,
-        {"reference_costs": reference_costs(cfg, **shape), "data_shape": shape},
-    )
-    resume = _resume_line(study)
-    per_trial = f", {slots[0].devices} DDP processes per trial" if slots[0].devices > 1 else ""
-    print(
-        f"study {name!r} in {masked(url)}: {cfg.trials} trials, {len(slots)} worker(s) on "
-        f"{', '.join(sorted({s.accelerator for s in slots}))}{per_trial}",
-        flush=True,
-    )
-    if resume:
-        print(resume, flush=True)
-    spec = WorkerSpec(
-        study=args.study,
-        study_name=name,
-        storage=url,
-        trials=cfg.trials,
-        overrides={k: v for k, v in _overrides(args).items() if v is not None},
-        heartbeat_interval=args.heartbeat_interval or None,
-        grace_period=args.grace_period,
-    )
-    signal.signal(signal.SIGTERM, _on_sigterm)
-    procs = _start_workers(slots, spec, runs_dir(args.runs_dir) / "logs" / name)
-    try:
-        _monitor(study, procs, cfg.trials, args.poll)
-    except KeyboardInterrupt as e:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the clean stop short
-        print(
-            "\ninterrupted: stopping workers (their running trials are marked failed); rerun the same command "
-            "to resume",
-            file=sys.stderr,
-        )
-        _stop_workers(procs, signal.SIGTERM if isinstance(e, _Terminated) else signal.SIGINT)
-        _summary(study)
-        return 130
-    _report_worker_failures(procs)
-    _summary(study)
-    # The study is what counts: a worker that died (its trial retried by another) is reported above, but
-    # a study that holds its trials is a success.
-    finished = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
-    return 0 if finished >= cfg.trials else 1
+    return run(args)
 
 
 def main(argv: list[str] | None = None) -> int:
-    return cli_main(run, build_parser(), argv)
+    return cli_main(_run, build_parser(), argv)
 
 
 if __name__ == "__main__":

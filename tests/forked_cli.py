@@ -24,6 +24,8 @@ from pathlib import Path
 _SERVER = r"""
 import importlib, json, os, sys, tempfile
 module = importlib.import_module(sys.argv[1])
+for name in sys.argv[2:]:  # what the command imports once its flags parse
+    importlib.import_module(name)
 requests, replies = sys.stdin, sys.stdout
 print("ready", file=replies, flush=True)
 for line in requests:
@@ -62,12 +64,13 @@ for line in requests:
 
 class ForkedCli:
     """``run(*args)`` returns what ``python -m <module> *args`` would: a ``CompletedProcess`` with its exit
-    code, stdout and stderr. Use as a context manager (the server process is stopped on exit)."""
+    code, stdout and stderr. ``preload``: modules the command imports only later (after parsing its flags),
+    imported once in the server too. Use as a context manager (the server process is stopped on exit)."""
 
-    def __init__(self, module: str, cwd: Path) -> None:
+    def __init__(self, module: str, cwd: Path, preload: tuple[str, ...] = ()) -> None:
         self.module, self.cwd = module, cwd
-        self._server = subprocess.Popen([sys.executable, "-c", _SERVER, module], cwd=cwd, stdin=subprocess.PIPE,
-                                        stdout=subprocess.PIPE, text=True)
+        self._server = subprocess.Popen([sys.executable, "-c", _SERVER, module, *preload], cwd=cwd,
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         ready = self._server.stdout.readline()
         if ready.strip() != "ready":
             self.close()

@@ -7,6 +7,7 @@ shows that nothing printed while the command is imported breaks the one-line rul
 from __future__ import annotations
 
 import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from tests.search.helpers import run_cli, write_study
 
 @pytest.fixture(scope="module")
 def search_run() -> Iterator[ForkedCli]:
-    with ForkedCli("search.run", REPO) as cli:
+    with ForkedCli("search.run", REPO, preload=("search.study_run",)) as cli:
         yield cli
 
 
@@ -169,3 +170,13 @@ def test_run_changed_definition_on_postgres_refused_without_writing(
     after = optuna.load_study(study_name=pg_study, storage=storage)
     assert (after.user_attrs, [t.number for t in after.trials]) == before
     assert not (tmp_path / "runs" / "logs" / pg_study).exists()  # no worker was started
+
+
+def test_run_answers_a_bad_flag_before_importing_torch() -> None:
+    """A mistyped flag or ``--help`` is answered at once: torch and Lightning (several seconds) are imported
+    only once the flags parse (``search.study_run``)."""
+    probe = ("import sys, search.run; code = search.run.main(['--study', 'se_placement', '--trials', 'many']); "
+             "print(code, sorted(m for m in ('torch', 'pytorch_lightning', 'search.study_run') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.stdout.split(None, 1) == ["2", "[]\n"], result.stdout + result.stderr
+    assert result.stderr.strip() == "error: argument --trials: expected an integer, got 'many'"

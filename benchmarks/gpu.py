@@ -47,8 +47,7 @@ class Plan:
         return min(k, self.max_workers or k)
 
     def workers(self, k: int) -> tuple[str, ...]:
-        """search.run flags for K workers (at most ``max_workers``) on the device."""
-        k = self.worker_count(k)
+        """search.run flags for K workers on the device."""
         if self.device.type == "cuda":
             return ("--gpus", str(self.device.index or 0), "--trials-per-gpu", str(k))
         return ("--workers", str(k))
@@ -281,15 +280,16 @@ def whole_study(args: argparse.Namespace) -> dict[str, Any]:
     user runs it, data cache already built. Stopped at ``--study-seconds``; then the count finished is
     recorded."""
     with tempfile.TemporaryDirectory() as tmp:
-        workers = _plan(args).worker_count(args.trials_per_gpu)
-        run = _run_study(args, _flagship(args), tmp, workers, *_plan(args).study_flags,
-                         timeout=args.study_seconds)
+        plan = _plan(args)
+        workers = plan.worker_count(args.trials_per_gpu)
+        run = _run_study(args, _flagship(args), tmp, workers, *plan.study_flags, timeout=args.study_seconds)
         trials, seconds, finished = run.trials, run.seconds, run.finished
     states = [t.state.name for t in trials]
     done = states.count("COMPLETE") + states.count("PRUNED")
     best = max((t.user_attrs.get("test_accuracy", 0.0) for t in trials), default=0.0)
-    summary = (f"{done} trials ({states.count('PRUNED')} pruned) in {seconds:.0f} s with --trials-per-gpu "
-               f"{workers}, best test accuracy {best:.4f}")
+    flags = " ".join(plan.workers(workers))  # --gpus 0 --trials-per-gpu K on the GPU, --workers K on the CPU
+    summary = (f"{done} trials ({states.count('PRUNED')} pruned) in {seconds:.0f} s with {flags}, "
+               f"best test accuracy {best:.4f}")
     if not finished:
         summary += f"; stopped at {args.study_seconds:.0f} s, {done / seconds * 60:.1f} trials/min"
     # Stopped before the target's 600 s (a short GPU lease): the target was not measured, only the pace.

@@ -97,7 +97,7 @@ def test_every_gpu_benchmark_runs_in_the_dry_run_and_lands_in_out(device_run) ->
     assert set(results["full_devices"]["trials_per_hour"]) == {"1", "2"}  # the dry run's K (gpu.DRY)
     assert results["full_devices"]["target"] == ">= 2x with K=2, results within seed noise"
     assert results["whole_study"]["finished"] == 2
-    assert "with --trials-per-gpu 2," in results["whole_study"]["summary"]  # capped at the dry run's two workers
+    assert "with --workers 2," in results["whole_study"]["summary"]  # capped at the dry run's two CPU workers
     assert results["trial_profile"]["split"]["standard"]["epochs"]
 
 

@@ -178,5 +178,5 @@ def test_run_answers_a_bad_flag_before_importing_torch() -> None:
     probe = ("import sys, search.run; code = search.run.main(['--study', 'se_placement', '--trials', 'many']); "
              "print(code, sorted(m for m in ('torch', 'pytorch_lightning', 'search.study_run') if m in sys.modules))")
     result = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert result.stdout.split(None, 1) == ["2", "[]\n"], result.stdout + result.stderr
+    assert result.stdout == "2 []\n", result.stdout + result.stderr
     assert result.stderr.strip() == "error: argument --trials: expected an integer, got 'many'"

@@ -21,19 +21,14 @@ def _storage(tmp_path: Path) -> str:
     return f"sqlite:///{tmp_path / 'studies.db'}"
 
 
-def _run(tmp_path: Path, study: Path, *extra: str):
-    return run_cli(
-        "search.run",
-        "--study",
-        str(study),
-        "--storage",
-        _storage(tmp_path),
-        "--runs-dir",
-        str(tmp_path / "runs"),
-        "--poll",
-        "0.2",
-        *extra,
-    )
+def _run(tmp_path: Path, study: Path, *extra: str, env: dict[str, str] | None = None):
+    return run_cli("search.run", "--study", str(study), "--storage", _storage(tmp_path), "--runs-dir",
+                   str(tmp_path / "runs"), "--poll", "0.2", *extra, env=env)
+
+
+def _rerun_val(stdout: str) -> float:
+    """The rerun's validation accuracy from ``--rerun-trial``'s report (``rerun:  val 0.123456  test ...``)."""
+    return float(stdout.split("rerun:")[1].split()[1])
 
 
 def _load(tmp_path: Path, name: str = "quick") -> optuna.Study:
@@ -66,25 +61,13 @@ def test_run_digits_study_completes_and_prints_front(tmp_path: Path) -> None:
     assert study.metric_names == ["val_accuracy", "flops"]
 
 
-def test_run_resume_adds_trials_up_to_new_total(one_trial_run: Path, tmp_path: Path) -> None:
-    study_file = _copy_of(one_trial_run, tmp_path)
-    first = _load(tmp_path).get_trials(states=FINISHED)
-    assert len(first) == 1
-    again = _run(tmp_path, study_file, "--trials", "3")
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert "resuming: 1 finished" in again.stdout
-    trials = _load(tmp_path).get_trials(states=FINISHED)
-    assert len(trials) == 3 and trials[0].params == first[0].params  # the first trial kept, two added
-
-
 @pytest.fixture(scope="module")
 def one_trial_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A directory holding the quick study cut to one trial and the SQLite file of a finished run of it; tests
     that only reread or refuse it take a copy (``_copy_of``) rather than train their own."""
     root = tmp_path_factory.mktemp("one-trial")
     study_file = write_study(root, QUICK_STUDY.replace("trials: 3", "trials: 1"))
-    result = run_cli("search.run", "--study", str(study_file), "--storage", _storage(root), "--runs-dir",
-                     str(root / "runs"), "--poll", "0.2", env=isolated_env(tmp_path_factory))
+    result = _run(root, study_file, env=isolated_env(tmp_path_factory))
     assert result.returncode == 0, result.stderr[-3000:]
     return root
 
@@ -94,6 +77,17 @@ def _copy_of(run: Path, tmp_path: Path) -> Path:
     for name in ("quick.yaml", "studies.db"):
         shutil.copy2(run / name, tmp_path / name)
     return tmp_path / "quick.yaml"
+
+
+def test_run_resume_adds_trials_up_to_new_total(one_trial_run: Path, tmp_path: Path) -> None:
+    study_file = _copy_of(one_trial_run, tmp_path)
+    first = _load(tmp_path).get_trials(states=FINISHED)
+    assert len(first) == 1
+    again = _run(tmp_path, study_file, "--trials", "3")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resuming: 1 finished" in again.stdout
+    trials = _load(tmp_path).get_trials(states=FINISHED)
+    assert len(trials) == 3 and trials[0].params == first[0].params  # the first trial kept, two added
 
 
 def test_run_changed_definition_is_refused_without_writing(one_trial_run: Path, tmp_path: Path) -> None:
@@ -112,9 +106,8 @@ def test_run_rerun_trial_reports_stored_and_new_accuracy(one_trial_run: Path, tm
     result = _run(tmp_path, study_file, "--rerun-trial", "0")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "stored:" in result.stdout and "rerun:" in result.stdout
-    rerun_val = float(result.stdout.split("rerun:")[1].split()[1])
     # Same seed, same data, same network on the CPU: the rerun reproduces the stored accuracy.
-    assert rerun_val == pytest.approx(stored.user_attrs["val_accuracy"], abs=1e-6)
+    assert _rerun_val(result.stdout) == pytest.approx(stored.user_attrs["val_accuracy"], abs=1e-6)
 
 
 def test_run_rerun_trial_uses_the_trials_own_thread_count(one_trial_run: Path, tmp_path: Path,
@@ -129,5 +122,4 @@ def test_run_rerun_trial_uses_the_trials_own_thread_count(one_trial_run: Path, t
     result = _run(tmp_path, study_file, "--rerun-trial", "0")
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"{stored.user_attrs['torch_threads']} torch threads" in result.stdout
-    rerun_val = float(result.stdout.split("rerun:")[1].split()[1])
-    assert rerun_val == pytest.approx(stored.user_attrs["val_accuracy"], abs=1e-6)
+    assert _rerun_val(result.stdout) == pytest.approx(stored.user_attrs["val_accuracy"], abs=1e-6)

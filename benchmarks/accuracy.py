@@ -11,7 +11,7 @@ import torch
 
 from benchmarks.baseline import hand_written_fit, native_bf16
 from benchmarks.harness import LONG, default_params
-from lightning_modules.classifier import TTA_MODES
+from lightning_modules.recipe import TTA_MODES
 from search.data import prepare_datamodule
 from search.objective import Devices, TrialRunner
 from search.study_config import load_study

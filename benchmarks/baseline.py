@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from lightning_modules import ArchConfig
-from lightning_modules.classifier import OPTIMIZERS, SCHEDULES, TrainingRecipe, build_trainable, eval_logits
+from lightning_modules.recipe import OPTIMIZERS, SCHEDULES, TrainingRecipe, build_trainable, eval_logits
 from lightning_modules.whitening import fit_whitening
 
 __all__ = ["hand_written_fit"]

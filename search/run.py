@@ -56,9 +56,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from search.study_run import run  # torch and Lightning: only once the flags have parsed
+    # Imported only once the flags have parsed, and in two steps: the study file is checked with torch alone
+    # (its registries), before search.study_run imports Lightning and torchmetrics (several seconds more).
+    from search.study_config import load_study
 
-    return run(args)
+    # The flags that override the study file (None: the file's value); --trials is not part of the
+    # study's default name.
+    overrides = {"dataset": args.dataset, "data_dir": args.data_dir, "epochs": args.epochs, "seed": args.seed}
+    cfg = load_study(args.study, trials=args.trials, **overrides)
+    from search.study_run import run
+
+    return run(args, cfg, overrides)
 
 
 def main(argv: list[str] | None = None) -> int:

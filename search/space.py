@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import optuna
 
 from lightning_modules import ArchConfig, build_arch
-from lightning_modules.classifier import TrainingRecipe
+from lightning_modules.recipe import TrainingRecipe
 from search.study_config import SearchSpace, StudyConfig
 
 __all__ = ["TrialDesign", "grid_search_space", "stage_choices", "suggest"]

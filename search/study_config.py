@@ -21,8 +21,8 @@ import tomllib
 import yaml
 
 from lightning_modules import BACKBONES, PLACEMENTS, POOLINGS, ConfigError
-from lightning_modules.classifier import TrainingRecipe
 from lightning_modules.config import ADDED_LATER
+from lightning_modules.recipe import TrainingRecipe
 from search.errors import UsageError
 
 __all__ = [

@@ -1,8 +1,9 @@
-"""What ``python -m search.run`` does once its flags parse (``search.run`` is the command line): validate the
-study, storage, devices and data, create or resume the study, run its workers, report the front.
+"""What ``python -m search.run`` does once its flags parse and its study file loads (``search.run`` is the
+command line): validate storage, devices and data, create or resume the study, run its workers, report the
+front.
 
-Kept apart from ``search.run`` so that the command answers ``--help`` and a mistyped flag at once, before
-torch and Lightning are imported (several seconds)."""
+Kept apart from ``search.run`` so that the command answers ``--help`` and a mistyped flag before torch is
+imported, and a mistake in the study file before Lightning and torchmetrics are (several seconds each)."""
 
 
 from __future__ import annotations
@@ -30,17 +31,13 @@ from search.errors import UsageError
 from search.objective import Devices, TrialRunner, trial_seed
 from search.pareto import front_table, hypervolume, pareto_front, reference_costs
 from search.storage import STORAGE_ENV, masked, open_storage, resolve_storage_url, resolve_study_name, runs_dir
-from search.study_config import load_study
+from search.study_config import StudyConfig
 from search.study_store import create_or_load_study, default_study_name
 from search.worker import FAIL_REASON_ATTR, THREADS_ATTR, WorkerSpec
 
 __all__ = ["run"]
 
 
-
-
-def _overrides(args: argparse.Namespace) -> dict[str, object]:
-    return {"dataset": args.dataset, "data_dir": args.data_dir, "epochs": args.epochs, "seed": args.seed}
 
 
 def _trial_line(t: FrozenTrial) -> str:
@@ -161,8 +158,7 @@ def _summary(study: optuna.Study) -> None:
         )
 
 
-def _rerun(args: argparse.Namespace, storage: optuna.storages.BaseStorage, name: str) -> int:
-    cfg = load_study(args.study, **_overrides(args))
+def _rerun(args: argparse.Namespace, cfg: StudyConfig, storage: optuna.storages.BaseStorage, name: str) -> int:
     study = optuna.load_study(study_name=resolve_study_name(storage, name), storage=storage)
     stored = next((t for t in study.get_trials(deepcopy=False) if t.number == args.rerun_trial), None)
     if stored is None:
@@ -202,16 +198,17 @@ def _resume_line(study: optuna.Study) -> str | None:
             f"queued, {states[TrialState.FAIL]} failed")
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace, cfg: StudyConfig, overrides: dict[str, object]) -> int:
+    """Run the study of ``args`` (``search.run``'s flags): ``cfg`` is its file as ``search.run`` loaded it,
+    with ``overrides`` (the flags that override the file; None where not given)."""
     redact.install(args.storage or os.environ.get(STORAGE_ENV))
-    cfg = load_study(args.study, trials=args.trials, **_overrides(args))
     url = resolve_storage_url(args.storage, args.runs_dir)
     slots = plan_slots(args.gpus, args.trials_per_gpu, args.workers, gpus_per_trial=args.gpus_per_trial,
                        procs_per_trial=args.procs_per_trial)
     storage = open_storage(url, heartbeat_interval=args.heartbeat_interval or None, grace_period=args.grace_period)
-    name = args.study_name or default_study_name(cfg, _overrides(args))
+    name = args.study_name or default_study_name(cfg, overrides)
     if args.rerun_trial is not None:
-        return _rerun(args, storage, name)
+        return _rerun(args, cfg, storage, name)
     dm = prepare_datamodule(cfg)  # fails on missing data before the study is touched; fills the cache
     shape = {"num_classes": dm.num_classes, "in_channels": dm.in_channels, "image_size": dm.image_size}
     del dm
@@ -237,7 +234,7 @@ def run(args: argparse.Namespace) -> int:
         study_name=name,
         storage=url,
         trials=cfg.trials,
-        overrides={k: v for k, v in _overrides(args).items() if v is not None},
+        overrides={k: v for k, v in overrides.items() if v is not None},
         heartbeat_interval=args.heartbeat_interval or None,
         grace_period=args.grace_period,
     )

@@ -180,3 +180,18 @@ def test_run_answers_a_bad_flag_before_importing_torch() -> None:
     result = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.stdout == "2 []\n", result.stdout + result.stderr
     assert result.stderr.strip() == "error: argument --trials: expected an integer, got 'many'"
+
+
+def test_run_answers_a_study_file_mistake_before_importing_lightning(tmp_path: Path) -> None:
+    """A mistake in the study file is answered before Lightning and torchmetrics are imported (about 5 s
+    more than torch, which the registries the file is checked against need): ``search.run`` loads the file
+    before it imports ``search.study_run``, and the recipe lives in the Lightning-free ``lightning_modules.recipe``."""
+    study_file = write_study(tmp_path)
+    study_file.write_text(study_file.read_text().replace("lr: ", "lr: -"))
+    heavy = ("pytorch_lightning", "torchmetrics", "lightning_modules.classifier", "search.study_run")
+    probe = (f"import sys, search.run; code = search.run.main(['--study', {str(study_file)!r}]); "
+             f"print(code, sorted(m for m in {heavy!r} if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.stdout == "2 []\n", result.stdout + result.stderr
+    assert "lr: value -" in result.stderr and "out of range" in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr

@@ -10,8 +10,6 @@ random crops only: mirrored digits are not digits.
 from __future__ import annotations
 
 import numpy as np
-import sklearn
-from sklearn.datasets import load_digits
 
 from lightning_modules.data.base import ArrayDataModule, SourceArrays, resize_uint8
 from lightning_modules.data.registry import DATASETS
@@ -29,6 +27,11 @@ class DigitsDataModule(ArrayDataModule):
     hflip = False  # a mirrored 2, 3, 4, 7 or 9 is not that digit; crops alone are label-safe
 
     def _load(self) -> SourceArrays:
+        # Imported here, not with the module: scikit-learn (and the pandas it imports) takes over a second,
+        # paid otherwise by every process that imports the datasets, whatever data its study trains on.
+        import sklearn
+        from sklearn.datasets import load_digits
+
         bunch = load_digits()
         images = np.rint(bunch.images * (255.0 / 16.0)).astype(np.uint8)[:, None]  # (N, 1, 8, 8)
         images = resize_uint8(images, self.cfg.image_size or DIGITS_IMAGE_SIZE)

@@ -9,6 +9,8 @@ import multiprocessing as mp
 import os
 import pickle
 import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -31,6 +33,7 @@ from lightning_modules.data import (
     build_datamodule,
 )
 from lightning_modules.data.augment import crop_flip
+from tests.conftest import REPO
 
 SHARED_CIFAR = Path(__file__).resolve().parents[3] / "shared/data/cifar10-jpeg"
 
@@ -198,6 +201,18 @@ def test_digits_setup_shapes_and_provenance() -> None:
     train_images, _ = dm.split_arrays("train")
     pixels = train_images.astype(np.float64) / 255
     assert mean == pytest.approx(pixels.mean(), abs=1e-12) and std == pytest.approx(pixels.std(), abs=1e-12)
+
+
+def test_worker_processes_import_scikit_learn_only_for_digits() -> None:
+    """Every worker process imports the datasets; scikit-learn (with the pandas and pyarrow it pulls in, over
+    a second) is imported only when digits are loaded, not with the module."""
+    probe = ("import sys, search.worker; heavy = ('sklearn', 'pandas', 'pyarrow'); "
+             "print(sorted(m for m in heavy if m in sys.modules)); "
+             "from lightning_modules.data import DataConfig, build_datamodule; "
+             "dm = build_datamodule(DataConfig(name='digits')); dm.prepare_data(); dm.setup('fit'); "
+             "print('sklearn' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.stdout == "[]\nTrue\n", result.stdout + result.stderr[-2000:]
 
 
 def test_digits_image_size_option_resizes() -> None:

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from lightning_modules.se import POOLINGS
-from lightning_modules.units import PLACEMENTS, PadShortcut, ResidualUnit
+from lightning_modules.units import PLACEMENTS, PadShortcut, ResidualUnit, SameConv2d
 
 # (block, shortcut, in_ch, width, stride, stride_in_1x1): identity shortcuts at stride 1 and projected or
 # padded ones where stride and width change; the bottleneck output is 4 x width.
@@ -161,3 +161,39 @@ def test_pad_shortcut_subsamples_and_zero_pads() -> None:
     assert out.shape == (2, 5, 3, 3)
     torch.testing.assert_close(out[:, :3], x[:, :, ::2, ::2])
     assert torch.count_nonzero(out[:, 3:]) == 0
+
+
+SAME_CONVS = [(3, 1, False), (3, 2, False), (1, 1, True), (1, 2, False), (5, 1, True)]  # (kernel, stride, bias)
+
+
+@pytest.mark.parametrize("kernel,stride,bias", SAME_CONVS)
+@pytest.mark.parametrize("size", [1, 3])
+def test_same_conv_equals_nn_conv_in_output_and_gradients(kernel: int, stride: int, bias: bool, size: int) -> None:
+    """SameConv2d's matrix product on 1x1 inputs (and nn.Conv2d's path on larger ones) gives what nn.Conv2d
+    with the same weights gives: output, input gradient and the whole weight gradient (zero off the centre
+    tap on a 1x1 input), so a network built with it trains exactly as one built with nn.Conv2d."""
+    torch.manual_seed(0)
+    same = SameConv2d(6, 5, kernel, stride, bias=bias).double()
+    ref = nn.Conv2d(6, 5, kernel, stride, padding=kernel // 2, bias=bias).double()
+    ref.load_state_dict(same.state_dict())
+    x = torch.randn(4, 6, size, size, dtype=torch.float64)
+    xs, xr = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out_same, out_ref = same(xs), ref(xr)
+    assert out_same.shape == out_ref.shape
+    torch.testing.assert_close(out_same, out_ref)
+    grad = torch.randn_like(out_ref)
+    out_same.backward(grad)
+    out_ref.backward(grad)
+    torch.testing.assert_close(xs.grad, xr.grad)
+    torch.testing.assert_close(same.weight.grad, ref.weight.grad)
+    if bias:
+        torch.testing.assert_close(same.bias.grad, ref.bias.grad)
+    if size == 1 and kernel > 1:  # the centre tap alone learns: the shortcut is exact, not an approximation
+        off_centre = same.weight.grad.clone()
+        off_centre[:, :, kernel // 2, kernel // 2] = 0
+        assert off_centre.abs().max() == 0 and same.weight.grad.abs().max() > 0
+
+
+def test_same_conv_refuses_an_even_kernel() -> None:
+    with pytest.raises(ValueError, match="kernel must be odd"):
+        SameConv2d(3, 3, 2)

@@ -197,6 +197,9 @@ def recipe_sweep(args: argparse.Namespace) -> dict[str, Any]:
     hand_written_fit(design.arch, design.recipe.replace(epochs=1), dm, plan.device, seed=0)  # warm-up
     rows, start = [], time.perf_counter()
     datamodules = {dm.cfg: dm}  # one per batch size and flip schedule, each set up from the same decoded cache
+    # A variant that the plan makes identical to an earlier one (the dry run's single epoch and capped batch
+    # turn the epoch and batch variants into the study recipe) is not trained again: its row is the earlier one's.
+    trained: dict[tuple[Any, ...], dict[str, Any]] = {}
     for change in RECIPE_VARIANTS:
         if rows and args.sweep_seconds is not None and time.perf_counter() - start > args.sweep_seconds:
             break  # a short GPU lease: keep the variants measured, leave time for the benchmarks after this
@@ -212,9 +215,14 @@ def recipe_sweep(args: argparse.Namespace) -> dict[str, Any]:
                               reduction=design.arch.reductions, pooling=design.arch.poolings,
                               num_classes=dm.num_classes, image_size=dm.image_size, in_channels=dm.in_channels,
                               width_multiplier=change.get("width", 1.0))
+        key = (recipe, data_cfg, arch)
+        if key in trained:
+            rows.append({**trained[key], "change": change, "same_run_as": trained[key]["change"]})
+            continue
         r = hand_written_fit(arch, recipe, datamodules[data_cfg], plan.device, seed=0)
-        rows.append({"change": change, "seconds": r["seconds"], "test_accuracy": r["test_accuracy"],
-                     "val_accuracy": r["val_accuracy"], "images_per_second": r["images_per_second"]})
+        trained[key] = {"change": change, "seconds": r["seconds"], "test_accuracy": r["test_accuracy"],
+                        "val_accuracy": r["val_accuracy"], "images_per_second": r["images_per_second"]}
+        rows.append(trained[key])
     skipped = len(RECIPE_VARIANTS) - len(rows)
     summary = "; ".join(f"{json.dumps(r['change']) if r['change'] else 'study recipe'}: "
                         f"{r['test_accuracy']:.4f} in {r['seconds']:.1f} s" for r in rows)

@@ -93,7 +93,12 @@ def test_every_gpu_benchmark_runs_in_the_dry_run_and_lands_in_out(device_run) ->
     overhead = results["overhead_gpu"]
     assert overhead["ratio"] == statistics.median(overhead["pair_ratios"])
     assert len(overhead["pair_ratios"]) == len(overhead["hand_seconds"]) == len(overhead["platform_seconds"])
-    assert len(results["recipe_sweep"]["variants"]) == len(RECIPE_VARIANTS)
+    sweep = results["recipe_sweep"]["variants"]
+    assert [row["change"] for row in sweep] == RECIPE_VARIANTS
+    # The dry run's one epoch and batch cap make the epoch variants the study recipe: trained once, not again.
+    assert sweep[4]["same_run_as"] == {} and sweep[4]["test_accuracy"] == sweep[0]["test_accuracy"]
+    assert sum("same_run_as" not in row for row in sweep) < len(RECIPE_VARIANTS)
+    assert "same_run_as" not in sweep[1] and "same_run_as" not in sweep[2]
     assert set(results["full_devices"]["trials_per_hour"]) == {"1", "2"}  # the dry run's K (gpu.DRY)
     assert results["full_devices"]["target"] == ">= 2x with K=2, results within seed noise"
     assert results["whole_study"]["finished"] == 2

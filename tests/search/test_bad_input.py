@@ -172,12 +172,19 @@ def test_run_changed_definition_on_postgres_refused_without_writing(
     assert not (tmp_path / "runs" / "logs" / pg_study).exists()  # no worker was started
 
 
+def _run_in_fresh_process(argv: list[str], modules: tuple[str, ...]) -> subprocess.CompletedProcess[str]:
+    """``search.run.main(argv)`` in a new interpreter; stdout: its exit code and which of ``modules`` it
+    imported."""
+    probe = (f"import sys, search.run; code = search.run.main({argv!r}); "
+             f"print(code, sorted(m for m in {modules!r} if m in sys.modules))")
+    return subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=120)
+
+
 def test_run_answers_a_bad_flag_before_importing_torch() -> None:
     """A mistyped flag or ``--help`` is answered at once: torch and Lightning (several seconds) are imported
     only once the flags parse (``search.study_run``)."""
-    probe = ("import sys, search.run; code = search.run.main(['--study', 'se_placement', '--trials', 'many']); "
-             "print(code, sorted(m for m in ('torch', 'pytorch_lightning', 'search.study_run') if m in sys.modules))")
-    result = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=120)
+    result = _run_in_fresh_process(["--study", "se_placement", "--trials", "many"],
+                                   ("torch", "pytorch_lightning", "search.study_run"))
     assert result.stdout == "2 []\n", result.stdout + result.stderr
     assert result.stderr.strip() == "error: argument --trials: expected an integer, got 'many'"
 
@@ -188,10 +195,8 @@ def test_run_answers_a_study_file_mistake_before_importing_lightning(tmp_path: P
     before it imports ``search.study_run``, and the recipe lives in the Lightning-free ``lightning_modules.recipe``."""
     study_file = write_study(tmp_path)
     study_file.write_text(study_file.read_text().replace("lr: ", "lr: -"))
-    heavy = ("pytorch_lightning", "torchmetrics", "lightning_modules.classifier", "search.study_run")
-    probe = (f"import sys, search.run; code = search.run.main(['--study', {str(study_file)!r}]); "
-             f"print(code, sorted(m for m in {heavy!r} if m in sys.modules))")
-    result = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=120)
+    result = _run_in_fresh_process(["--study", str(study_file)], ("pytorch_lightning", "torchmetrics",
+                                                                  "lightning_modules.classifier", "search.study_run"))
     assert result.stdout == "2 []\n", result.stdout + result.stderr
     assert "lr: value -" in result.stderr and "out of range" in result.stderr, result.stderr
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr

@@ -5,12 +5,21 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from tests.engine_run import EngineRun
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_CIFAR = REPO.parent / "shared" / "data" / "cifar10-jpeg"
 _OMP_NUM_THREADS = os.environ.get("OMP_NUM_THREADS")  # as the test run was started
+# Two test processes (pytest-xdist) and the trainings they start share the cores, and busy-waiting OpenMP
+# threads take the time slices the others need. Two copies of one training test side by side on two cores took
+# 221 s with the default wait policy and 64 s with passive waiting (one alone: 47 s). Set before torch is
+# imported, so every process of the run inherits it.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def isolated_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
@@ -76,3 +85,26 @@ def small_cifar(tree: Path, train_per_class: int = 12, test_per_class: int = 4) 
             target.mkdir(parents=True)
             for image in sorted(class_dir.iterdir())[:count]:
                 (target / image.name).write_bytes(image.read_bytes())
+
+
+@pytest.fixture(scope="session")
+def engine_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EngineRun]:
+    """The quick digits study as the real engine ran it, watched by a dashboard (tests/engine_run.py), read by
+    the export, report and dashboard tests: one run per test process."""
+    from tests.engine_run import watched_engine_run
+
+    yield from watched_engine_run(tmp_path_factory)
+
+
+# pytest-xdist (``-n 2 --dist loadfile --no-loadscope-reorder``, pyproject.toml) sends each test module whole to
+# one worker, so its module-scoped fixtures are built once (the device dry run alone takes minutes), and in the
+# order collected. A session fixture such as ``engine_run`` is built at most once per worker.
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Runs the modules with most ``slow`` tests first, each kept whole and in its own order: the two workers
+    then end together, where a slow module sent last would leave one of them idle for minutes."""
+    modules: dict[str, list[pytest.Item]] = {}
+    for item in items:
+        modules.setdefault(item.nodeid.split("::")[0], []).append(item)
+    slow = {name: sum(1 for item in tests if item.get_closest_marker("slow")) for name, tests in modules.items()}
+    items[:] = [item for name in sorted(modules, key=lambda name: -slow[name]) for item in modules[name]]

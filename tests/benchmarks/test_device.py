@@ -21,6 +21,8 @@ import pytest
 from benchmarks.gpu import RECIPE_VARIANTS
 from tests.conftest import REPO, SHARED_CIFAR, small_cifar
 
+pytestmark = pytest.mark.slow  # one dry run of the device script: minutes on a 2-core machine
+
 TOOL = REPO.parent / "shared" / "tools" / "jpeg_tree_blob.py"
 GPU_BENCHMARKS = ["trial_speed", "overhead_gpu", "trial_profile", "recipe_sweep", "full_devices", "whole_study"]
 

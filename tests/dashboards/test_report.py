@@ -9,8 +9,8 @@ import pytest
 from PIL import Image
 
 from dashboards.report import write_report
-from tests.dashboards.conftest import EngineRun
 from tests.dashboards.synthetic import ablation_study, per_stage_study
+from tests.engine_run import EngineRun
 from tests.search.helpers import run_cli
 
 FIGURES = ("pareto_front.png", "hypervolume.png", "learning_curves.png", "choice_effects.png")

@@ -20,8 +20,9 @@ from optuna_dashboard._custom_plot_data import get_plotly_graph_objects
 from dashboards.plots import GRAPH_IDS
 from dashboards.serve import refresh_studies
 from search.export import open_existing_storage
-from tests.dashboards.conftest import Dashboard, EngineRun, start_dashboard
+from tests.dashboards.server import Dashboard, start_dashboard
 from tests.dashboards.synthetic import per_stage_study
+from tests.engine_run import EngineRun
 from tests.search.helpers import run_cli
 
 CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",

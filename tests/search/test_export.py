@@ -1,15 +1,14 @@
 """``search.export``: the trials table, its files, and its command line.
 
 Fast tests read a study written directly in the engine's schema (tests/dashboards/synthetic.py); the slow
-test exports a study the real engine ran on digits and checks every value against the stored trials.
+test exports the study the real engine ran on digits (``engine_run``, shared with the dashboards' tests) and
+checks every value against the stored trials.
 """
 
 from __future__ import annotations
 
 import io
 import json
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -19,9 +18,9 @@ import pytest
 from optuna.trial import TrialState
 
 from search.export import columns, read_trials, trials_dataframe, write_trials
-from tests.conftest import REPO, isolated_env
 from tests.dashboards.synthetic import ablation_study, per_stage_study
-from tests.search.helpers import QUICK_STUDY, run_cli, write_study
+from tests.engine_run import EngineRun
+from tests.search.helpers import run_cli
 
 DOCUMENTED = ["number", "state", "stage1_placement", "stage1_reduction", "stage1_pooling", "stage2_placement",
               "stage2_reduction", "stage2_pooling", "stage3_placement", "stage3_reduction", "stage3_pooling",
@@ -166,23 +165,10 @@ def test_export_cli_missing_sqlite_file_is_refused_without_creating_it(tmp_path:
 # --- against the real engine ----------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def engine_study(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
-    """A digits study the engine ran for real (3 trials, 1 epoch), named like the flagship's quick run."""
-    root = tmp_path_factory.mktemp("export-engine")
-    study_file = write_study(root, QUICK_STUDY, name="se_placement")
-    url = f"sqlite:///{root / 'studies.db'}"
-    env = isolated_env(tmp_path_factory)
-    result = subprocess.run([sys.executable, "-m", "search.run", "--study", str(study_file), "--storage", url,
-                             "--runs-dir", str(root / "runs"), "--epochs", "1", "--poll", "0.2"],
-                            cwd=REPO, env=env, capture_output=True, text=True, timeout=900, check=False)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return url, "se_placement-epochs=1"
-
-
 @pytest.mark.slow
-def test_export_of_engine_study_matches_its_trials(engine_study: tuple[str, str], tmp_path: Path) -> None:
-    url, name = engine_study
+def test_export_of_engine_study_matches_its_trials(engine_run: EngineRun, tmp_path: Path) -> None:
+    assert engine_run.returncode == 0, engine_run.output[-3000:]
+    url, name = engine_run.storage_url, engine_run.study_name
     out = tmp_path / "results.parquet"
     result = run_cli("search.export", "--study", "se_placement", "--storage", url, "--out", str(out))
     assert result.returncode == 0, result.stderr

@@ -10,13 +10,19 @@ power loss) is failed after the grace period and re-queued with the same paramet
 
 from __future__ import annotations
 
+import copy
 import os
 import sqlite3
 import warnings
+from datetime import datetime
 from pathlib import Path
 
 import optuna
 import sqlalchemy
+from optuna.storages._heartbeat import is_heartbeat_enabled
+from optuna.storages._rdb import models as rdb_models
+from optuna.storages._rdb.storage import _create_scoped_session
+from optuna.trial import TrialState
 from sqlalchemy.engine import make_url
 
 from search.errors import UsageError
@@ -26,6 +32,7 @@ __all__ = [
     "DEFAULT_RUNS_DIR",
     "STORAGE_ENV",
     "check_heartbeat",
+    "fail_stale_trials",
     "masked",
     "open_storage",
     "resolve_storage_url",
@@ -123,6 +130,39 @@ def open_storage(
             ImportError, ValueError, OSError, sqlite3.Error) as e:
         reason = " ".join(str(getattr(e, "orig", None) or e).split())[:300]
         raise UsageError(f"--storage: cannot open {masked(url)}: {redact(reason, url_secrets(url))}") from None
+
+
+def fail_stale_trials(study: optuna.Study) -> list[int]:
+    """Fail the study's trials whose heartbeat stopped and queue their retries, as Optuna's
+    ``fail_stale_trials`` does, but claim each trial in one conditional statement (RUNNING -> FAIL). The ids
+    of the trials this call failed.
+
+    Optuna reads the trial's state and writes FAIL in two statements. On SQLite the read takes no lock
+    (``FOR UPDATE`` does not exist there, and the transaction begins only at the write), so two workers that
+    found the same stale trial at once both failed it and both queued a retry: the trial ran twice. Seen when
+    a killed command was restarted under load, both new workers checking at start. One ``UPDATE ... WHERE
+    state = RUNNING`` is atomic on every backend: only the worker whose statement changed the row retries it.
+    """
+    storage = getattr(study._storage, "_backend", study._storage)  # optuna wraps RDBStorage in _CachedStorage
+    if not isinstance(storage, optuna.storages.RDBStorage) or not is_heartbeat_enabled(storage):
+        return []
+    trials = rdb_models.TrialModel
+    claimed = []
+    for trial_id in storage._get_stale_trial_ids(study._study_id):
+        with _create_scoped_session(storage.scoped_session) as session:
+            changed = session.execute(
+                sqlalchemy.update(trials)
+                .where(trials.trial_id == trial_id, trials.state == TrialState.RUNNING)
+                .values({trials.state: TrialState.FAIL})
+                .execution_options(synchronize_session=False)
+            ).rowcount
+            if changed == 1:  # the row is this transaction's now; Optuna's own setter stores the time
+                trials.find_or_raise_by_id(trial_id, session).datetime_complete = datetime.now()
+                claimed.append(trial_id)
+    retry = storage.get_heartbeat_stale_trial_callback()
+    for trial_id in claimed if retry is not None else []:
+        retry(study, copy.deepcopy(storage.get_trial(trial_id)))
+    return claimed
 
 
 def resolve_study_name(storage: optuna.storages.BaseStorage, name: str) -> str:

@@ -47,7 +47,7 @@ from search.devices import pin_threads
 from search.errors import UsageError, UsageParser, cli_main
 from search.objective import PRUNED_REASON_ATTR, Devices, TrialRunner
 from search.pruning import make_pruner
-from search.storage import masked, open_storage
+from search.storage import fail_stale_trials, masked, open_storage
 from search.study_config import load_study
 from search.study_store import make_sampler_for
 from search.trial_writes import set_user_attrs
@@ -283,13 +283,6 @@ def _waiting_for_others(spec: WorkerSpec, budget: Budget, announced: bool) -> bo
     return True
 
 
-def _fail_stale_trials(study: optuna.Study) -> None:
-    if is_heartbeat_enabled(study._storage):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            optuna.storages.fail_stale_trials(study)
-
-
 def run_worker(spec: WorkerSpec) -> int:
     """Run trials of ``spec.study_name`` until ``spec.trials`` have finished. Returns the number run here.
 
@@ -315,7 +308,7 @@ def run_worker(spec: WorkerSpec) -> int:
         while True:
             if _Stop.reason is not None:
                 raise TrialInterrupted(_Stop.reason)
-            _fail_stale_trials(study)
+            fail_stale_trials(study)
             budget = Budget.read(study, spec.trials)
             if budget.done:
                 return ran

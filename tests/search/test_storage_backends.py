@@ -8,7 +8,9 @@ commands started at once on one study (as on two machines) finish it together wi
 from __future__ import annotations
 
 import concurrent.futures
+import threading
 import time
+from collections import Counter
 from pathlib import Path
 
 import optuna
@@ -16,7 +18,7 @@ import pytest
 import sqlalchemy
 from optuna.trial import TrialState
 
-from search.storage import open_storage
+from search.storage import fail_stale_trials, open_storage
 from search.trial_writes import batched_writes, set_user_attrs
 from search.worker import FAIL_REASON_ATTR
 from tests.search.helpers import load, run_cli, tiny_study
@@ -153,10 +155,38 @@ def test_open_storage_heartbeat_fails_and_requeues_dead_trial(storage_url: str, 
     study._storage.record_heartbeat(dead._trial_id)
     time.sleep(3)
     other = optuna.load_study(study_name=study_name, storage=alive)
-    optuna.storages.fail_stale_trials(other)
+    assert fail_stale_trials(other) == [dead._trial_id]
     failed, retry = other.trials
     assert failed.state == TrialState.FAIL and retry.state == TrialState.WAITING
     assert retry.params == failed.params and retry.system_attrs["failed_trial"] == failed.number
+
+
+@pytest.mark.parametrize("storage_url", BACKENDS, indirect=True)
+def test_workers_racing_for_stale_trials_fail_and_retry_each_once(storage_url: str, study_name: str) -> None:
+    """Four workers (each its own connection) look for stale trials at the same moment, as the workers of a
+    restarted command do: every dead trial is failed by exactly one of them and retried exactly once.
+    Optuna's own ``fail_stale_trials`` failed and retried trials twice here on SQLite."""
+    study = optuna.create_study(study_name=study_name, storage=open_storage(storage_url, heartbeat_interval=1,
+                                                                            grace_period=2))
+    dead = [study.ask() for _ in range(8)]
+    for trial in dead:
+        study._storage.record_heartbeat(trial._trial_id)
+    time.sleep(3)
+    workers = [optuna.load_study(study_name=study_name, storage=open_storage(storage_url, heartbeat_interval=1,
+                                                                             grace_period=2)) for _ in range(4)]
+    start = threading.Barrier(len(workers))
+
+    def look(worker: optuna.Study) -> list[int]:
+        start.wait()
+        return fail_stale_trials(worker)
+
+    with concurrent.futures.ThreadPoolExecutor(len(workers)) as pool:
+        claimed = [trial_id for ids in pool.map(look, workers) for trial_id in ids]
+    assert sorted(claimed) == sorted(t._trial_id for t in dead)
+    trials = load(storage_url, study_name).trials
+    retried = Counter(t.system_attrs["failed_trial"] for t in trials if "failed_trial" in t.system_attrs)
+    assert retried == {t.number: 1 for t in dead}
+    assert Counter(t.state for t in trials) == {TrialState.FAIL: len(dead), TrialState.WAITING: len(dead)}
 
 
 @pytest.mark.slow

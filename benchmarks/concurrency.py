@@ -28,7 +28,7 @@ from typing import Any
 import optuna
 
 from search.pruning import MultiObjectivePruner
-from search.storage import masked, open_storage
+from search.storage import fail_stale_trials, masked, open_storage
 from search.study_config import load_study
 from search.trial_writes import batched_writes, set_user_attrs
 
@@ -54,7 +54,7 @@ def _flagship_pruner() -> MultiObjectivePruner:
 def storage_trial(study: optuna.Study, epochs: int = EPOCHS) -> int:
     """One trial's storage traffic as a worker makes it, without the training. Returns the trial number."""
     pruner_reads = _flagship_pruner().reads_trials_at
-    optuna.storages.fail_stale_trials(study)
+    fail_stale_trials(study)
     study.get_trials(deepcopy=False)  # the budget check (search.worker.Budget)
     trial = study.ask()
     with batched_writes(trial):  # as TrialRunner: the suggestions and the first attributes in one transaction

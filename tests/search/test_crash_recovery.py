@@ -23,7 +23,7 @@ from search.objective import Devices, TrialRunner, trial_seed
 from search.storage import open_storage
 from search.study_config import load_study
 from search.study_store import create_or_load_study
-from search.worker import WORKER_ATTR, WorkerSpec, run_worker
+from search.worker import FAIL_REASON_ATTR, WORKER_ATTR, WorkerSpec, run_worker
 from tests.search.helpers import load, run_cli, start_cli, states, tiny_study, wait_until
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -32,12 +32,14 @@ HEARTBEAT = ("--heartbeat-interval", "1", "--grace-period", "5")
 
 def _assert_recovered(study: optuna.Study, trials: int, killed: list[optuna.trial.FrozenTrial]) -> None:
     """Exactly ``trials`` finished, each killed trial FAIL and retried once with its parameters and seed,
-    nothing running or queued, nothing else failed."""
+    nothing running or queued, nothing else failed. Workers racing for the last slot may create a trial and
+    hand it back untrained as surplus (as in test_concurrency); that one is not a failure."""
     all_trials = study.get_trials()
     assert len({t.number for t in all_trials}) == len(all_trials)
     assert len(study.get_trials(states=FINISHED)) == trials
     assert states(study)["RUNNING"] == 0 and states(study)["WAITING"] == 0, states(study)
-    failed = {t.number for t in all_trials if t.state == TrialState.FAIL}
+    failed = {t.number for t in all_trials if t.state == TrialState.FAIL
+              and not t.user_attrs.get(FAIL_REASON_ATTR, "").startswith("surplus")}
     assert failed == {k.number for k in killed}, failed
     seed = json.loads(study.user_attrs["definition"])["seed"]
     for k in killed:

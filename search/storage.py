@@ -35,6 +35,7 @@ __all__ = [
     "fail_stale_trials",
     "masked",
     "open_storage",
+    "rdb_backend",
     "resolve_storage_url",
     "resolve_study_name",
     "runs_dir",
@@ -132,6 +133,13 @@ def open_storage(
         raise UsageError(f"--storage: cannot open {masked(url)}: {redact(reason, url_secrets(url))}") from None
 
 
+def rdb_backend(storage: optuna.storages.BaseStorage) -> optuna.storages.RDBStorage | None:
+    """The SQL storage behind ``study._storage`` (Optuna wraps an ``RDBStorage`` in its ``_CachedStorage``),
+    or None for other storages."""
+    backend = getattr(storage, "_backend", storage)
+    return backend if isinstance(backend, optuna.storages.RDBStorage) else None
+
+
 def fail_stale_trials(study: optuna.Study) -> list[int]:
     """Fail the study's trials whose heartbeat stopped and queue their retries, as Optuna's
     ``fail_stale_trials`` does, but claim each trial in one conditional statement (RUNNING -> FAIL). The ids
@@ -143,8 +151,8 @@ def fail_stale_trials(study: optuna.Study) -> list[int]:
     a killed command was restarted under load, both new workers checking at start. One ``UPDATE ... WHERE
     state = RUNNING`` is atomic on every backend: only the worker whose statement changed the row retries it.
     """
-    storage = getattr(study._storage, "_backend", study._storage)  # optuna wraps RDBStorage in _CachedStorage
-    if not isinstance(storage, optuna.storages.RDBStorage) or not is_heartbeat_enabled(storage):
+    storage = rdb_backend(study._storage)
+    if storage is None or not is_heartbeat_enabled(storage):
         return []
     trials = rdb_models.TrialModel
     claimed = []
@@ -160,8 +168,9 @@ def fail_stale_trials(study: optuna.Study) -> list[int]:
                 trials.find_or_raise_by_id(trial_id, session).datetime_complete = datetime.now()
                 claimed.append(trial_id)
     retry = storage.get_heartbeat_stale_trial_callback()
-    for trial_id in claimed if retry is not None else []:
-        retry(study, copy.deepcopy(storage.get_trial(trial_id)))
+    if retry is not None:
+        for trial_id in claimed:
+            retry(study, copy.deepcopy(storage.get_trial(trial_id)))
     return claimed
 
 

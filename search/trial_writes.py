@@ -27,6 +27,8 @@ from optuna.distributions import BaseDistribution, check_distribution_compatibil
 from optuna.storages._rdb import models as rdb_models
 from optuna.storages._rdb.storage import _create_scoped_session
 
+from search.storage import rdb_backend
+
 __all__ = ["batched_writes", "set_user_attrs"]
 
 
@@ -84,11 +86,8 @@ class _Batch:
 
 
 def _sql_backend(trial: optuna.Trial) -> optuna.storages.RDBStorage | None:
-    storage = trial.study._storage
-    backend = getattr(storage, "_backend", storage)  # optuna wraps RDBStorage in _CachedStorage
-    if isinstance(backend, optuna.storages.RDBStorage) and backend.engine.name in _UPSERTS:
-        return backend
-    return None
+    backend = rdb_backend(trial.study._storage)
+    return backend if backend is not None and backend.engine.name in _UPSERTS else None
 
 
 def _write(trial: optuna.Trial, params: list[tuple[str, float, BaseDistribution]], attrs: Mapping[str, Any]) -> None:

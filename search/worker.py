@@ -56,6 +56,8 @@ __all__ = ["FAIL_REASON_ATTR", "THREADS_ATTR", "WORKER_ATTR", "Budget", "TrialIn
            "sampler_seed"]
 
 FAIL_REASON_ATTR = "fail_reason"
+# A trial asked for a slot other workers filled meanwhile: handed back untrained, not counted as a failure.
+SURPLUS_REASON = "surplus: the study already had its trials when this one started"
 WORKER_ATTR = "worker"
 # The worker's torch thread count: CPU kernels sum in an order that follows it, so ``--rerun-trial`` pins the
 # same count to reproduce the trial (one thread instead of two changed a digits trial's accuracy by 1.4 points).
@@ -324,7 +326,7 @@ def run_worker(spec: WorkerSpec) -> int:
                 # dying before its heartbeat thread starts still leaves a trial that comes back as a retry.
                 study._storage.record_heartbeat(trial._trial_id)
             if not budget.surely_not_surplus(trial) and _is_surplus(study, trial, spec.trials):
-                _fail(study, trial, "surplus: the study already had its trials when this one started")
+                _fail(study, trial, SURPLUS_REASON)
                 continue
             failures = 0 if _run_one(study, trial, runner) else failures + 1
             ran += 1

@@ -99,7 +99,6 @@ def engine_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EngineRun]:
 # pytest-xdist (``-n 2 --dist loadfile --no-loadscope-reorder``, pyproject.toml) sends each test module whole to
 # one worker, so its module-scoped fixtures are built once (the device dry run alone takes minutes), and in the
 # order collected. A session fixture such as ``engine_run`` is built at most once per worker.
-@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Runs the modules with most ``slow`` tests first, each kept whole and in its own order: the two workers
     then end together, where a slow module sent last would leave one of them idle for minutes."""

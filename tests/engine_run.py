@@ -1,5 +1,5 @@
 """One study the real engine runs on digits while a dashboard refreshes its plots every second: made once per
-test session (``engine_run`` in tests/conftest.py) and read by the export, report and dashboard tests."""
+test process (``engine_run`` in tests/conftest.py) and read by the export, report and dashboard tests."""
 
 from __future__ import annotations
 

@@ -23,7 +23,7 @@ from search.objective import Devices, TrialRunner, trial_seed
 from search.storage import open_storage
 from search.study_config import load_study
 from search.study_store import create_or_load_study
-from search.worker import FAIL_REASON_ATTR, WORKER_ATTR, WorkerSpec, run_worker
+from search.worker import FAIL_REASON_ATTR, SURPLUS_REASON, WORKER_ATTR, WorkerSpec, run_worker
 from tests.search.helpers import load, run_cli, start_cli, states, tiny_study, wait_until
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -39,7 +39,7 @@ def _assert_recovered(study: optuna.Study, trials: int, killed: list[optuna.tria
     assert len(study.get_trials(states=FINISHED)) == trials
     assert states(study)["RUNNING"] == 0 and states(study)["WAITING"] == 0, states(study)
     failed = {t.number for t in all_trials if t.state == TrialState.FAIL
-              and not t.user_attrs.get(FAIL_REASON_ATTR, "").startswith("surplus")}
+              and t.user_attrs.get(FAIL_REASON_ATTR) != SURPLUS_REASON}
     assert failed == {k.number for k in killed}, failed
     seed = json.loads(study.user_attrs["definition"])["seed"]
     for k in killed:

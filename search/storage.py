@@ -1,7 +1,8 @@
 """Study storage: any SQLAlchemy URL, a shared SQLite file under the runs directory by default.
 
-SQLite is set up for several local workers (WAL journal, so readers such as the dashboard never block the
-writers, and a long busy timeout). PostgreSQL and MySQL/MariaDB serve workers on any number of machines:
+SQLite is set up for several local workers: WAL journal, a long busy timeout, and transactions that change
+trials holding the write lock from their first statement (``SQLiteStorage``), which is what makes Optuna's
+state changes atomic there. PostgreSQL and MySQL/MariaDB serve workers on any number of machines:
 each joins the study by name. RDB storages get Optuna heartbeats, so a trial whose worker died (kill -9,
 power loss) is failed after the grace period and re-queued with the same parameters (Optuna's
 ``RetryHeartbeatStaleTrialCallback``), and the retry reuses the original trial's seed
@@ -11,11 +12,15 @@ power loss) is failed after the grace period and re-queued with the same paramet
 from __future__ import annotations
 
 import copy
+import functools
 import os
 import sqlite3
+import threading
 import warnings
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import optuna
 import sqlalchemy
@@ -31,6 +36,7 @@ from search.redact import redact, url_secrets
 __all__ = [
     "DEFAULT_RUNS_DIR",
     "STORAGE_ENV",
+    "SQLiteStorage",
     "check_heartbeat",
     "fail_stale_trials",
     "masked",
@@ -91,6 +97,71 @@ def _prepare_sqlite(url: str) -> dict:
     return {"connect_args": {"timeout": SQLITE_BUSY_TIMEOUT_S}}
 
 
+# Set while one of Optuna's read-only storage methods runs in this thread: its transaction begins deferred.
+_snapshot_read = threading.local()
+
+
+class SQLiteStorage(optuna.storages.RDBStorage):
+    """Optuna's ``RDBStorage`` on a SQLite file, with its trial state changes atomic across processes.
+
+    Optuna changes a trial's state by reading it, checking it, then writing it (``set_trial_state_values``),
+    atomic on PostgreSQL and MySQL through ``SELECT ... FOR UPDATE``. SQLite has no ``FOR UPDATE``, and the
+    sqlite3 module opens a transaction only at the first write, so two workers could both read a queued
+    trial as WAITING and both start it (a retry ran twice), and a late worker's ``tell`` could overwrite the
+    FAIL of another worker's stale claim (the trial ended COMPLETE and was also retried). Here every
+    transaction begins with ``BEGIN IMMEDIATE``: it holds SQLite's write lock from its first read, and other
+    processes' writers wait for it (busy timeout) instead of interleaving, as a row lock makes them do
+    elsewhere. Optuna's methods that only read (``SNAPSHOT_READS``) begin deferred instead: in WAL mode
+    such a transaction reads one consistent snapshot and neither waits for a writer nor holds one up. Any
+    other method, including one a later Optuna adds, takes the lock. No library offers this for Optuna's
+    storage; the subclass is the smallest place to say it, and it survives pickling (``__setstate__``
+    builds a new engine).
+    """
+
+    SNAPSHOT_READS = (
+        "get_study_id_from_name", "get_study_name_from_id", "get_study_directions", "get_study_user_attrs",
+        "get_study_system_attrs", "get_trial_user_attrs", "get_trial_system_attrs", "get_all_studies",
+        "get_trial_param", "get_trial_id_from_study_id_trial_number", "get_trial", "get_all_trials",
+        "_get_trials", "get_best_trial", "_get_best_trial_id", "_get_stale_trial_ids",
+    )
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)  # Optuna's set-up (tables, schema version) as Optuna runs it
+        self._begin_transactions_locked()
+
+    def __setstate__(self, state: dict[Any, Any]) -> None:
+        super().__setstate__(state)
+        self._begin_transactions_locked()
+
+    def _begin_transactions_locked(self) -> None:
+        sqlalchemy.event.listen(self.engine, "begin", _begin)
+
+
+def _begin(connection: sqlalchemy.engine.Connection) -> None:
+    # The sqlite3 module sees a transaction already open and adds no BEGIN of its own before the writes.
+    connection.exec_driver_sql("BEGIN" if getattr(_snapshot_read, "active", False) else "BEGIN IMMEDIATE")
+
+
+def _as_snapshot_read(name: str) -> Callable[..., Any]:
+    read = getattr(optuna.storages.RDBStorage, name)
+
+    @functools.wraps(read)
+    def method(self: SQLiteStorage, *args: Any, **kwargs: Any) -> Any:
+        outer = getattr(_snapshot_read, "active", False)
+        _snapshot_read.active = True
+        try:
+            return read(self, *args, **kwargs)
+        finally:
+            _snapshot_read.active = outer
+
+    return method
+
+
+for _name in SQLiteStorage.SNAPSHOT_READS:
+    if hasattr(optuna.storages.RDBStorage, _name):  # a name a later Optuna drops simply takes the lock
+        setattr(SQLiteStorage, _name, _as_snapshot_read(_name))
+
+
 def check_heartbeat(heartbeat_interval: int | None, grace_period: int | None) -> None:
     """A grace period at or below the heartbeat interval would fail trials whose worker is alive."""
     if heartbeat_interval and grace_period is not None and grace_period <= heartbeat_interval:
@@ -126,7 +197,8 @@ def open_storage(
                     "heartbeat_stale_trial_callback": optuna.storages.RetryHeartbeatStaleTrialCallback(
                         max_retry=max_retry),
                 }
-            return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, **heartbeat)
+            storage_class = SQLiteStorage if url.startswith("sqlite") else optuna.storages.RDBStorage
+            return storage_class(url, engine_kwargs=engine_kwargs, **heartbeat)
     except (sqlalchemy.exc.SQLAlchemyError, optuna.exceptions.StorageInternalError, ModuleNotFoundError,
             ImportError, ValueError, OSError, sqlite3.Error) as e:
         reason = " ".join(str(getattr(e, "orig", None) or e).split())[:300]

@@ -207,10 +207,16 @@ def _retrying(write: Callable[[], None], what: str) -> None:
 
 def _tell(study: optuna.Study, trial: optuna.Trial, **kwargs: Any) -> bool:
     """``study.tell``; False when the trial was already finished elsewhere (another worker found its
-    heartbeat late and failed it, and its retry is queued): this result is then discarded."""
+    heartbeat late and failed it, and its retry is queued): this result is then discarded.
+
+    Optuna says so in two ways: ``UpdateFinishedTrialError`` when the other worker's write came during the
+    tell, a plain ``ValueError`` ("Cannot tell a FAIL trial.") when it came before, which is the usual case.
+    A ``ValueError`` on a trial still running is a real error and propagates."""
     try:
         _retrying(lambda: study.tell(trial, **kwargs), f"recording trial {trial.number}")
-    except optuna.exceptions.UpdateFinishedTrialError:
+    except (optuna.exceptions.UpdateFinishedTrialError, ValueError):
+        if not study._storage.get_trial(trial._trial_id).state.is_finished():
+            raise
         _log(f"trial {trial.number} was already finished by another worker (stale heartbeat); result discarded")
         return False
     return True

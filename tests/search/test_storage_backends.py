@@ -8,6 +8,7 @@ commands started at once on one study (as on two machines) finish it together wi
 from __future__ import annotations
 
 import concurrent.futures
+import pickle
 import threading
 import time
 from collections import Counter
@@ -18,9 +19,9 @@ import pytest
 import sqlalchemy
 from optuna.trial import TrialState
 
-from search.storage import fail_stale_trials, open_storage
+from search.storage import fail_stale_trials, open_storage, rdb_backend
 from search.trial_writes import batched_writes, set_user_attrs
-from search.worker import FAIL_REASON_ATTR
+from search.worker import FAIL_REASON_ATTR, _run_one
 from tests.search.helpers import load, run_cli, tiny_study
 
 BACKENDS = ["sqlite", "postgresql", "mysql"]
@@ -205,3 +206,126 @@ def test_run_two_commands_join_one_study(tmp_path: Path, storage_url: str, study
     assert len([t for t in trials if t.state == TrialState.COMPLETE]) == 4
     others = [t for t in trials if t.state != TrialState.COMPLETE]
     assert all(t.user_attrs[FAIL_REASON_ATTR].startswith("surplus") for t in others), others
+
+
+class _PauseInsideTransaction:
+    """Holds one storage's next state write between its read of the trial and its write, the window in
+    which Optuna's read-check-write of a trial's state can interleave with another worker's."""
+
+    def __init__(self, storage: optuna.storages.RDBStorage) -> None:
+        self.reached, self.resume = threading.Event(), threading.Event()
+        check = storage.check_trial_is_updatable
+
+        def pausing(trial_id: int, state: TrialState) -> None:
+            check(trial_id, state)
+            if not self.reached.is_set():
+                self.reached.set()
+                self.resume.wait(30)
+
+        storage.check_trial_is_updatable = pausing  # type: ignore[method-assign]  # this instance only
+
+
+def _run_interleaved(paused: _PauseInsideTransaction, first, second) -> tuple:
+    """``first`` is held inside its transaction while ``second`` runs for up to a second (on a backend with
+    working locks it waits for the lock instead), then both finish; their results."""
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        held = pool.submit(first)
+        assert paused.reached.wait(30), "the first operation never reached its state write"
+        racing = pool.submit(second)
+        time.sleep(1.0)
+        paused.resume.set()
+        return held.result(timeout=60), racing.result(timeout=60)
+
+
+@pytest.mark.parametrize("storage_url", BACKENDS, indirect=True)
+def test_tell_racing_a_stale_claim_never_completes_and_retries_the_same_trial(storage_url: str,
+                                                                              study_name: str) -> None:
+    """A worker whose heartbeat ran late records its result while another worker claims the trial as stale.
+    One of them wins: the trial is COMPLETE and not retried, or FAIL and retried once with the result
+    discarded. On SQLite without a write lock taken at the start of the transaction (Optuna's ``FOR UPDATE``
+    does not exist there) both won: the trial ended COMPLETE and also ran again."""
+    open_fast = lambda: open_storage(storage_url, heartbeat_interval=1, grace_period=2)  # noqa: E731
+    live = optuna.create_study(study_name=study_name, storage=open_fast(), directions=["maximize"])
+    trial = live.ask()
+    live._storage.record_heartbeat(trial._trial_id)
+    time.sleep(3)  # the heartbeat is now past the grace period
+    claimer = optuna.load_study(study_name=study_name, storage=open_fast())
+    paused = _PauseInsideTransaction(rdb_backend(live._storage))
+    told, claimed = _run_interleaved(paused, lambda: _tell_or_refused(live, trial), lambda: fail_stale_trials(claimer))
+    trials = load(storage_url, study_name).trials
+    retries = [t for t in trials if t.system_attrs.get("failed_trial") == trial.number]
+    if told:
+        assert (claimed, trials[0].state, retries) == ([], TrialState.COMPLETE, [])
+    else:
+        assert (claimed, trials[0].state, len(retries)) == ([trial._trial_id], TrialState.FAIL, 1)
+
+
+def _tell_or_refused(study: optuna.Study, trial: optuna.Trial) -> bool:
+    try:
+        study.tell(trial, [0.9])
+    except optuna.exceptions.UpdateFinishedTrialError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize("storage_url", BACKENDS, indirect=True)
+def test_two_workers_asking_at_once_never_both_start_the_same_queued_trial(storage_url: str,
+                                                                           study_name: str) -> None:
+    """A queued trial (a stale trial's retry) goes to exactly one of two workers that ask for work together.
+    On SQLite without the write lock both read it WAITING, both set it RUNNING, and it ran twice."""
+    first = optuna.create_study(study_name=study_name, storage=open_storage(storage_url))
+    first.enqueue_trial({"lr": 0.1})
+    second = optuna.load_study(study_name=study_name, storage=open_storage(storage_url))
+    paused = _PauseInsideTransaction(rdb_backend(first._storage))
+    popped = _run_interleaved(paused, first._pop_waiting_trial_id, second._pop_waiting_trial_id)
+    queued = load(storage_url, study_name).trials[0]
+    assert sorted(popped, key=lambda p: p is None) == [queued._trial_id, None]
+    assert queued.state == TrialState.RUNNING
+
+
+@pytest.mark.parametrize("storage_url", BACKENDS, indirect=True)
+@pytest.mark.parametrize("outcome", ["result", "error"])
+def test_worker_whose_trial_was_failed_elsewhere_discards_its_outcome_and_goes_on(
+        storage_url: str, study_name: str, outcome: str) -> None:
+    """While a worker trains, another worker fails its trial as stale (its heartbeat ran late). The worker's
+    result, or its error, is then discarded: the trial keeps the FAIL that queued its retry, and the worker
+    carries on rather than dying on Optuna's "Cannot tell a FAIL trial." (which it did)."""
+    study = optuna.create_study(study_name=study_name, storage=open_storage(storage_url, heartbeat_interval=None),
+                                directions=["maximize"])
+    other = open_storage(storage_url, heartbeat_interval=None)
+    trial = study.ask()
+
+    def runner(trial: optuna.Trial) -> list[float]:
+        other.set_trial_state_values(trial._trial_id, TrialState.FAIL)  # what a stale claim leaves behind
+        if outcome == "error":
+            trial.report(0.5, step=1)  # the next per-epoch report of a claimed trial is refused
+        return [0.9]
+
+    assert _run_one(study, trial, runner) is (outcome == "result")
+    stored = load(storage_url, study_name).trials[0]
+    assert stored.state == TrialState.FAIL and stored.values is None
+    assert FAIL_REASON_ATTR not in stored.user_attrs
+
+
+def test_sqlite_storage_locks_state_changes_from_their_first_statement_and_reads_snapshots(tmp_path: Path) -> None:
+    """How ``SQLiteStorage`` gets the races above right, checked on the statements it sends, also after a
+    pickle round trip (which builds a new engine): a state change begins ``BEGIN IMMEDIATE`` (the write lock
+    before the trial is read), a read-only method a deferred ``BEGIN`` (a snapshot that holds no writer up)."""
+    storage = open_storage(f"sqlite:///{tmp_path / 'studies.db'}", heartbeat_interval=None)
+    begins: list[str] = []
+
+    def record_begin(_conn: object, _cursor: object, sql: str, *_: object) -> None:
+        if sql.startswith("BEGIN"):
+            begins.append(sql)
+
+    for handle in (storage, pickle.loads(pickle.dumps(storage))):
+        sqlalchemy.event.listen(handle.engine, "before_cursor_execute", record_begin)
+        study_id = handle.create_new_study([optuna.study.StudyDirection.MAXIMIZE])
+        trial_id = handle.create_new_trial(study_id, optuna.trial.create_trial(state=TrialState.WAITING))
+        begins.clear()
+        assert handle.set_trial_state_values(trial_id, TrialState.RUNNING)
+        assert begins == ["BEGIN IMMEDIATE"]
+        begins.clear()
+        assert [t.state for t in handle.get_all_trials(study_id)] == [TrialState.RUNNING]
+        assert handle.get_trial(trial_id).state == TrialState.RUNNING
+        assert begins == ["BEGIN", "BEGIN"]

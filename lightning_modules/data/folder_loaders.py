@@ -1,9 +1,11 @@
 """The DataLoader path for ImageFolder trees too large for the device-resident fast path.
 
 Standard ImageNet-style transforms (``RandomResizedCrop`` + flip for training, resize + centre crop for
-evaluation) in worker processes. Every file's header is checked once before training (in parallel), and
-the normalisation is estimated from a fixed sample of training images; both results are kept in a small
-JSON file next to the decode caches, keyed by the source files, so later trials skip them.
+evaluation) in worker processes. Under ``flip: alternate`` the sampler, in the main process, decides each
+image's flip (it knows the epoch, which the workers do not) and hands it to the workers with the index.
+Every file's header is checked once before training (in parallel), and the normalisation is estimated from
+a fixed sample of training images; both results are kept in a small JSON file next to the decode caches,
+keyed by the source files, so later trials skip them.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -20,11 +23,11 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision import transforms as T
 
-from lightning_modules.data.base import FAST_PATH_MAX_SIZE
 from lightning_modules.data.cache import source_key
 from lightning_modules.data.config import DataConfig
 from lightning_modules.data.decode import check_images
 from lightning_modules.data.errors import DataError
+from lightning_modules.data.loader import alternate_first_flips
 from lightning_modules.data.splits import REPORT_SPLIT, SELECTION_SPLIT, split_indices
 
 if TYPE_CHECKING:
@@ -47,7 +50,9 @@ class _Files(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, key: int | tuple[int, bool]) -> tuple[torch.Tensor, int]:
+        """``key`` is an index, or ``(index, mirror)`` from ``_AlternateFlipSampler``."""
+        i, mirror = key if isinstance(key, tuple) else (key, False)
         path, label = self.samples[i]
         try:
             with Image.open(path) as im:
@@ -55,7 +60,24 @@ class _Files(Dataset):
         except Exception as err:
             msg = f"{type(err).__name__}: {err}"
             raise DataError(f"cannot decode image {path} ({msg}); fix or remove the file") from None
-        return self.transform(image), label
+        x = self.transform(image)
+        # Mirroring after the crop is the same distribution as before it: RandomResizedCrop's box is placed
+        # uniformly, so its mirror image is as likely.
+        return (x.flip(-1) if mirror else x), label
+
+
+class _AlternateFlipSampler(DistributedSampler):
+    """``DistributedSampler`` whose items are ``(index, mirror)``: airbench's alternating flips (see
+    ``DataConfig.flip``), image ``i`` mirrored in epoch ``e`` iff its seeded coin differs from ``e % 2``.
+    Lightning calls ``set_epoch`` on it before every epoch, as on the plain sampler."""
+
+    def __init__(self, dataset: Dataset, first_flips: torch.Tensor, **kwargs: Any) -> None:
+        super().__init__(dataset, **kwargs)
+        self.first_flips = first_flips.tolist()
+
+    def __iter__(self) -> Iterator[tuple[int, bool]]:  # type: ignore[override]
+        odd = bool(self.epoch % 2)
+        return ((i, self.first_flips[i] != odd) for i in super().__iter__())
 
 
 def _write_json(path: Path, payload: dict[str, Any]) -> None:
@@ -70,11 +92,6 @@ class FolderLoaders:
     """Splits, normalisation and DataLoaders for one large-image tree."""
 
     def __init__(self, tree: FolderTree, cfg: DataConfig, cache_root: Path) -> None:
-        if cfg.flip != "random":
-            # torchvision's RandomHorizontalFlip in worker processes knows neither the image nor the epoch.
-            raise DataError(f"imagefolder {tree.root}: flip: {cfg.flip} is for images held on the device (at most "
-                            f"{FAST_PATH_MAX_SIZE} px); these are loaded by DataLoaders, which flip at random: "
-                            f"set flip: random, or image_size <= {FAST_PATH_MAX_SIZE}")
         self.tree = tree
         self.cfg = cfg
         self.image_size = cfg.image_size or DEFAULT_LARGE_IMAGE_SIZE
@@ -99,8 +116,9 @@ class FolderLoaders:
     def _train_transform(self) -> Any:
         if not self.cfg.augment:
             return self._eval_transform()
-        return T.Compose([T.RandomResizedCrop(self.image_size), T.RandomHorizontalFlip(), T.ToTensor(),
-                          T.Normalize(self.mean, self.std)])
+        # Under "alternate" the sampler says which images to mirror (``_AlternateFlipSampler``).
+        flip = [T.RandomHorizontalFlip()] if self.cfg.flip == "random" else []
+        return T.Compose([T.RandomResizedCrop(self.image_size), *flip, T.ToTensor(), T.Normalize(self.mean, self.std)])
 
     def _checked_stats(self) -> tuple[list[float], list[float]]:
         """Check every file's header once, and estimate mean/std on a fixed sample of training images."""
@@ -138,8 +156,9 @@ class FolderLoaders:
             raise DataError(f"imagefolder: the training split has {len(ds)} images, fewer than one batch of "
                             f"{self.cfg.batch_size} per process; lower batch_size")
         seed = seed % 2**62
-        sampler = DistributedSampler(ds, num_replicas=world, rank=rank, shuffle=True, seed=seed,
-                                     drop_last=True)
+        shard = {"num_replicas": world, "rank": rank, "shuffle": True, "seed": seed, "drop_last": True}
+        sampler = (_AlternateFlipSampler(ds, alternate_first_flips(len(ds), seed), **shard)
+                   if self.cfg.augment and self.cfg.flip == "alternate" else DistributedSampler(ds, **shard))
         return DataLoader(ds, sampler=sampler, drop_last=True, generator=torch.Generator().manual_seed(seed),
                           **self._loader_kwargs(device))
 
@@ -171,7 +190,7 @@ class FolderLoaders:
             "report_split": REPORT_SPLIT,
             "normalization": {"mean": list(self.mean), "std": list(self.std),
                               "computed_on": f"train split (estimate from {sample} images)"},
-            "augment": {"random_resized_crop": self.image_size, "horizontal_flip": "random"}
+            "augment": {"random_resized_crop": self.image_size, "horizontal_flip": self.cfg.flip}
             if self.cfg.augment else None,
             "batch_size": self.cfg.batch_size,
         }

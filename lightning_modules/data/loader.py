@@ -21,7 +21,7 @@ import torch
 from lightning_modules.data.augment import crop_flip, draw_crop_flip, normalize
 from lightning_modules.data.config import FLIP_MODES
 
-__all__ = ["DeviceBatchLoader", "epoch_seed"]
+__all__ = ["DeviceBatchLoader", "alternate_first_flips", "epoch_seed"]
 
 # ``DataConfig.flip``'s modes (see there), and "never" for data whose mirror image is another thing.
 _FLIPS = (*FLIP_MODES, "never")
@@ -34,6 +34,14 @@ def epoch_seed(base_seed: int, epoch: int) -> int:
     unrelated streams."""
     state = np.random.SeedSequence([base_seed % 2**64, epoch]).generate_state(2, np.uint32)
     return int(state[0]) << 31 ^ int(state[1])
+
+
+def alternate_first_flips(count: int, seed: int) -> torch.Tensor:
+    """Per image of a pool of ``count``, its flip in epoch 0 under ``flip: alternate`` (bool); in epoch ``e``
+    an image is mirrored iff its flag differs from ``e % 2``. It depends only on the seed, so every split,
+    rank and loader (device-resident or DataLoader) of one run agrees."""
+    g = torch.Generator().manual_seed(epoch_seed(seed, _ALTERNATE_FLIP_STREAM))
+    return torch.rand(count, generator=g) < 0.5
 
 
 class _EpochClock:
@@ -152,8 +160,7 @@ class DeviceBatchLoader:
     def _first_epoch_flips(self) -> torch.Tensor:
         """Per image of the pool (so every split and every rank agree), its flip in epoch 0 under "alternate";
         drawn once, as it depends only on the seed."""
-        g = torch.Generator().manual_seed(epoch_seed(self.seed, _ALTERNATE_FLIP_STREAM))
-        return torch.rand(len(self.images), generator=g) < 0.5
+        return alternate_first_flips(len(self.images), self.seed)
 
     def epoch_indices(self, epoch: int | None = None) -> torch.Tensor:
         """The image indices this rank visits in ``epoch`` (default: the current one), in batch order."""

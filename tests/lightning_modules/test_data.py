@@ -654,17 +654,45 @@ def test_imagefolder_large_images_use_dataloaders(tmp_path: Path) -> None:
     assert again.describe()["normalization"] == d["normalization"]
 
 
-def test_imagefolder_large_images_refuse_alternate_flip(tmp_path: Path) -> None:
-    """DataLoader workers flip at random; asking them to alternate is a one-line error at setup."""
-    root = _write_tree(tmp_path / "tree", size=(80, 70), n_train=10, n_test=2, ext="jpg")
-    dm = build_datamodule(_folder_cfg(root, image_size=72, batch_size=4, flip="alternate"))
-    dm.prepare_data()
-    with pytest.raises(DataError, match="flip: alternate is for images held on the device") as info:
+def _served_orientations(loader: torch.utils.data.DataLoader, epoch: int) -> dict[int, bool]:
+    """Training image index -> whether it was served mirrored in ``epoch``, read from the pixels of images that
+    brighten from left to right (any crop of such a ramp still does, its mirror darkens)."""
+    loader.sampler.set_epoch(epoch)
+    order = [item[0] if isinstance(item, tuple) else item for item in loader.sampler]
+    served = torch.cat([x for x, _ in loader])
+    slope = (served[:, :, :, -1] - served[:, :, :, 0]).mean(dim=(1, 2))
+    assert bool((slope.abs() > 0.1).all())  # every crop shows its direction
+    return {i: bool(s < 0) for i, s in zip(order, slope.tolist(), strict=False)}
+
+
+def test_imagefolder_large_images_alternate_flips_through_dataloader_workers(tmp_path: Path) -> None:
+    """Images too large for the device path go through DataLoader workers, which know neither the image nor
+    the epoch: under flip: alternate the sampler hands each index its orientation, so every image is mirrored
+    the other way than the epoch before, as on the device path, reproducibly from the seed."""
+    ramp = np.repeat(np.linspace(0, 255, 80, dtype=np.uint8)[None, :, None], 70, axis=0).repeat(3, axis=2)
+    for cls in ("a", "b"):
+        (tmp_path / "tree" / "train" / cls).mkdir(parents=True)
+        for i in range(40):
+            Image.fromarray(ramp).save(tmp_path / "tree" / "train" / cls / f"{i}.png")
+
+    def train_loader(flip: str, seed: int = 7) -> torch.utils.data.DataLoader:
+        # 58 training images: batches of 2 serve them all, every epoch.
+        dm = build_datamodule(_folder_cfg(tmp_path / "tree", image_size=72, batch_size=2, flip=flip))
         dm.setup("fit")
-    assert "\n" not in str(info.value) and "flip: random, or image_size <= 64" in str(info.value)
-    small = build_datamodule(_folder_cfg(root, image_size=16, batch_size=4, flip="alternate"))
-    small.setup("fit")
-    assert small.describe()["augment"]["horizontal_flip"] == "alternate"
+        assert dm.describe()["augment"]["horizontal_flip"] == flip
+        return dm._folder.train_loader(world=1, rank=0, seed=seed, device=torch.device("cpu"))
+
+    alternate = train_loader("alternate")
+    epochs = [_served_orientations(alternate, e) for e in range(3)]
+    n = len(epochs[0])
+    assert n == len(alternate.dataset) and all(set(e) == set(epochs[0]) for e in epochs)  # each image, each epoch
+    assert 0.3 < sum(epochs[0].values()) / n < 0.7
+    assert all(epochs[1][i] != epochs[0][i] and epochs[2][i] == epochs[0][i] for i in epochs[0])
+    assert _served_orientations(train_loader("alternate"), 1) == epochs[1]  # seeded
+    assert _served_orientations(train_loader("alternate", seed=8), 0) != epochs[0]
+    random = train_loader("random")
+    random_epochs = [_served_orientations(random, e) for e in range(2)]
+    assert sum(random_epochs[1][i] != random_epochs[0][i] for i in random_epochs[0]) < 0.8 * n
 
 
 def test_imagefolder_mixed_sizes_without_image_size_fall_back(tmp_path: Path) -> None:

@@ -31,6 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-dir", default=str(SHARED_CIFAR), help="CIFAR-10 JPEG tree for the GPU benchmarks")
     parser.add_argument("--study", default="se_placement",
                         help="study (name or file) whose default trial trial_accuracy trains (default se_placement)")
+    parser.add_argument("--seeds", type=at_least(0), nargs="+", default=[0],
+                        help="trial_accuracy trains one run per seed and judges their mean (default: 0)")
     parser.add_argument("--repeats", type=at_least(1), help="alternating platform/hand-written pairs, the fastest "
                         "of each taken (default 3; 1 with --dry-run)")
     parser.add_argument("--trials-per-gpu", type=at_least(1), default=4, help="workers on the GPU for whole_study")

@@ -41,14 +41,16 @@ def trial_accuracy(args: argparse.Namespace) -> dict[str, Any]:
     others = tuple(tta for tta in TTA_MODES if tta != recipe.tta)
     bf16 = native_bf16(device)
     precision = "bf16" if bf16 else "fp32"
-    seeds = list(getattr(args, "seeds", None) or [0])
+    seeds = list(dict.fromkeys(args.seeds))  # a repeated seed would repeat the same run
     by_seed = {}
     for seed in seeds:
         r = hand_written_fit(design.arch, recipe, dm, device, seed=seed, bf16=bf16, also_tta=others,
                              on_epoch=_progress)
-        by_seed[seed] = {"test_accuracy": {recipe.tta: r["test_accuracy"],
-                                           **{tta: r[f"test_accuracy_{tta}"] for tta in others}},
-                         "val_curves": {recipe.tta: r["val_curve"], **{tta: r[f"val_curve_{tta}"] for tta in others}},
+        # hand_written_fit names the recipe's own TTA plainly and the others with a suffix.
+        by_seed[seed] = {"test_accuracy": {tta: r["test_accuracy" if tta == recipe.tta else f"test_accuracy_{tta}"]
+                                           for tta in TTA_MODES},
+                         "val_curves": {tta: r["val_curve" if tta == recipe.tta else f"val_curve_{tta}"]
+                                        for tta in TTA_MODES},
                          "seconds": r["seconds"]}
     # One seed is one draw: two runs of one recipe have differed by 0.3 points, so the verdict is on the mean.
     runs = list(by_seed.values())

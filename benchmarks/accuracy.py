@@ -30,7 +30,8 @@ def trial_accuracy(args: argparse.Namespace) -> dict[str, Any]:
     ``TTA_MODES`` (the same weights). Accuracy does not depend on the device beyond rounding, so a machine
     without a GPU can say whether the recipe reaches 90% in its epochs; on 2 CPU cores it takes about an hour a
     seed. ``--seeds`` trains each given seed (default 0); accuracies and curves are their means, the verdict is
-    on the mean, and ``by_seed`` keeps each run.
+    on the mean, and ``by_seed`` keeps each run. Stopped (Ctrl-C, SIGINT) after a seed finished, it returns the
+    finished seeds' result marked ``stopped``, so hours of training are not lost to a cut-short run.
     A CPU without native bf16 kernels trains in fp32 instead (``native_bf16``), and the result says so: fp32
     accuracy is close to bf16's but not the same measurement."""
     device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
@@ -43,9 +44,16 @@ def trial_accuracy(args: argparse.Namespace) -> dict[str, Any]:
     precision = "bf16" if bf16 else "fp32"
     seeds = list(dict.fromkeys(args.seeds))  # a repeated seed would repeat the same run
     by_seed = {}
+    stopped_at = None
     for seed in seeds:
-        r = hand_written_fit(design.arch, recipe, dm, device, seed=seed, bf16=bf16, also_tta=others,
-                             on_epoch=_progress)
+        try:
+            r = hand_written_fit(design.arch, recipe, dm, device, seed=seed, bf16=bf16, also_tta=others,
+                                 on_epoch=_progress)
+        except KeyboardInterrupt:  # Ctrl-C or a time limit: an hour-long seed already done is kept
+            if not by_seed:
+                raise
+            stopped_at = seed
+            break
         # hand_written_fit names the recipe's own TTA plainly and the others with a suffix.
         by_seed[seed] = {"test_accuracy": {tta: r["test_accuracy" if tta == recipe.tta else f"test_accuracy_{tta}"]
                                            for tta in TTA_MODES},
@@ -59,16 +67,19 @@ def trial_accuracy(args: argparse.Namespace) -> dict[str, Any]:
               for tta in TTA_MODES}
     by_epoch = ", ".join(f"{a:.3f}" for a in curves["none"])
     by_tta = ", ".join(f"{accuracy[tta]:.4f} with tta {tta}" for tta in TTA_MODES)
+    done = list(by_seed)
     spread = ""
-    if len(seeds) > 1:
+    if len(done) > 1:
         each = ", ".join(f"{run['test_accuracy'][recipe.tta]:.4f}" for run in runs)
-        spread = f" (mean of seeds {', '.join(map(str, seeds))}; tta {recipe.tta} by seed {each})"
+        spread = f" (mean of seeds {', '.join(map(str, done))}; tta {recipe.tta} by seed {each})"
+    if stopped_at is not None:
+        spread += f" (stopped during seed {stopped_at}: seeds {', '.join(map(str, done))} of {seeds})"
     return {"summary": f"{cfg.name} ({cfg.backbone}, lr {recipe.lr:g}, label smoothing {recipe.label_smoothing:g}): "
                        f"test accuracy {by_tta}{spread}, after {recipe.epochs} epochs (study recipe: tta "
                        f"{recipe.tta}); {precision}{'' if bf16 else ' (no native bf16 here)'} on {device.type}; "
                        f"val by epoch (no tta) {by_epoch}",
             "target": ">= 90% test accuracy (target 1's accuracy)", "met": accuracy[recipe.tta] >= 0.90,
             "device": str(device), "precision": precision, "study": cfg.name,
-            "arch": str(design.arch), "recipe": str(recipe), "seeds": seeds,
+            "arch": str(design.arch), "recipe": str(recipe), "seeds": done, "stopped": stopped_at is not None,
             "test_accuracy": accuracy, "val_curves": curves, "by_seed": by_seed,
             "seconds": sum(run["seconds"] for run in runs)}

@@ -74,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         stop = False
         try:
             result = {"name": name, **bench(args)}
+            stop = bool(result.get("stopped"))  # it kept its finished part of an interrupted run
         except KeyboardInterrupt:  # Ctrl-C or a time limit's SIGINT: keep what was measured so far
             result = {"name": name, "summary": "stopped before it finished", "target": "-", "met": None}
             stop = True

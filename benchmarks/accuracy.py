@@ -28,7 +28,7 @@ def trial_accuracy(args: argparse.Namespace) -> dict[str, Any]:
     fastnet_whiten, its recipe, standard SE) through the hand loop in bf16 (below) on the CIFAR-10 JPEG copy, validation
     accuracy after every epoch and test accuracy at the end, each under every test-time augmentation of
     ``TTA_MODES`` (the same weights). Accuracy does not depend on the device beyond rounding, so a machine
-    without a GPU can say whether the recipe reaches 90% in its epochs; on 2 CPU cores it takes about an hour a
+    without a GPU can say whether the recipe reaches 90% in its epochs; on 2 CPU cores it takes 1-2.5 hours a
     seed. ``--seeds`` trains each given seed (default 0); accuracies and curves are their means, the verdict is
     on the mean, and ``by_seed`` keeps each run. Stopped (Ctrl-C, SIGINT) after a seed finished, it returns the
     finished seeds' result marked ``stopped``, so hours of training are not lost to a cut-short run.

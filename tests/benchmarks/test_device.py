@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.gpu import RECIPE_VARIANTS, WHITEN_FLAGSHIP
+from benchmarks.gpu import RECIPE_VARIANTS, TEN_EPOCH_FLAGSHIP, WHITEN_FLAGSHIP
 from tests.conftest import REPO, SHARED_CIFAR, small_cifar
 
 pytestmark = pytest.mark.slow  # one dry run of the device script: minutes on a 2-core machine
@@ -98,12 +98,15 @@ def test_every_gpu_benchmark_runs_in_the_dry_run_and_lands_in_out(device_run) ->
     sweep = results["recipe_sweep"]["variants"]
     assert [row["change"] for row in sweep] == RECIPE_VARIANTS
     # The dry run's one epoch and batch cap make the epoch variants the study recipe: trained once, not again.
-    eleven = sweep[RECIPE_VARIANTS.index({"epochs": 11})]
-    assert eleven["same_run_as"] == {} and eleven["test_accuracy"] == sweep[0]["test_accuracy"]
+    ten = sweep[RECIPE_VARIANTS.index(TEN_EPOCH_FLAGSHIP)]
+    assert ten["same_run_as"] == {} and ten["test_accuracy"] == sweep[0]["test_accuracy"]
     assert sum("same_run_as" not in row for row in sweep) < len(RECIPE_VARIANTS)
     # Six-view TTA and random training flips (a data module of their own) are runs of their own.
     assert "same_run_as" not in sweep[RECIPE_VARIANTS.index({"tta": "flip_translate"})]
-    assert "same_run_as" not in sweep[RECIPE_VARIANTS.index(WHITEN_FLAGSHIP)]
+    random_flips = sweep[RECIPE_VARIANTS.index({"flip": "random"})]
+    assert "same_run_as" not in random_flips
+    # ... and the previous flagship (random flips, 10 epochs) is that run again once the dry run cuts both to one.
+    assert sweep[RECIPE_VARIANTS.index(WHITEN_FLAGSHIP)]["same_run_as"] == {"flip": "random"}
     assert set(results["full_devices"]["trials_per_hour"]) == {"1", "2"}  # the dry run's K (gpu.DRY)
     assert results["full_devices"]["target"] == ">= 2x with K=2, results within seed noise"
     assert results["whole_study"]["finished"] == 2

@@ -68,14 +68,14 @@ def trial_accuracy(args: argparse.Namespace) -> dict[str, Any]:
     by_epoch = ", ".join(f"{a:.3f}" for a in curves["none"])
     by_tta = ", ".join(f"{accuracy[tta]:.4f} with tta {tta}" for tta in TTA_MODES)
     done = list(by_seed)
-    spread = ""
+    seed_remarks = ""  # which seeds the figures are the mean of, and where a stopped run stopped
     if len(done) > 1:
         each = ", ".join(f"{run['test_accuracy'][recipe.tta]:.4f}" for run in runs)
-        spread = f" (mean of seeds {', '.join(map(str, done))}; tta {recipe.tta} by seed {each})"
+        seed_remarks = f" (mean of seeds {', '.join(map(str, done))}; tta {recipe.tta} by seed {each})"
     if stopped_at is not None:
-        spread += f" (stopped during seed {stopped_at}: seeds {', '.join(map(str, done))} of {seeds})"
+        seed_remarks += f" (stopped during seed {stopped_at}: seeds {', '.join(map(str, done))} of {seeds})"
     return {"summary": f"{cfg.name} ({cfg.backbone}, lr {recipe.lr:g}, label smoothing {recipe.label_smoothing:g}): "
-                       f"test accuracy {by_tta}{spread}, after {recipe.epochs} epochs (study recipe: tta "
+                       f"test accuracy {by_tta}{seed_remarks}, after {recipe.epochs} epochs (study recipe: tta "
                        f"{recipe.tta}); {precision}{'' if bf16 else ' (no native bf16 here)'} on {device.type}; "
                        f"val by epoch (no tta) {by_epoch}",
             "target": ">= 90% test accuracy (target 1's accuracy)", "met": accuracy[recipe.tta] >= 0.90,

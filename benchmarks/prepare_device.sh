@@ -17,3 +17,12 @@ done
 # The tree sent to the GPU machine has no git history: record which commit it is (rerun after committing).
 git rev-parse --short HEAD > .devdata/commit
 du -sh .whl .devdata
+# The device tool carries at most 64 MiB: the tracked and untracked-not-ignored files plus .whl and .devdata.
+# Say so here, not as a refused upload on a lent machine's clock.
+tree=$( (git ls-files -z --cached --others --exclude-standard; find .whl .devdata -type f -print0) \
+  | xargs -0 stat -c %s 2>/dev/null | awk '{s += $1} END {print s}')
+echo "upload: $((tree / 1048576)) MiB of the device tool's 64"
+if ((tree > 64 * 1048576)); then
+  echo "error: the upload would be $((tree / 1048576)) MiB, over the device tool's 64 MiB; remove large untracked files" >&2
+  exit 1
+fi

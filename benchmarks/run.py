@@ -22,6 +22,7 @@ from benchmarks.harness import CPU, GPU, LONG, SHARED_CIFAR
 from benchmarks.record import RESULTS_DIR, current_commit, write_results
 from search.errors import UsageError, at_least
 from search.study_config import find_study_file
+from search.worker import quiet_trial_logs
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.repeats is None:
         args.repeats = 1 if args.dry_run else 3
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    quiet_trial_logs()  # trials run in this process are configured as a worker runs them
     registries = [GPU] if args.dry_run else [CPU, GPU] if args.gpu else [CPU]
     available = {name: reg.get(name) for reg in registries for name in reg}
     unknown = set(args.only or ()) - set(available) - set(LONG)

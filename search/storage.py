@@ -36,6 +36,7 @@ from search.redact import redact, url_secrets
 __all__ = [
     "DEFAULT_RUNS_DIR",
     "STORAGE_ENV",
+    "RetryWithoutResults",
     "SQLiteStorage",
     "check_heartbeat",
     "fail_stale_trials",
@@ -169,6 +170,19 @@ def check_heartbeat(heartbeat_interval: int | None, grace_period: int | None) ->
                          f"got {grace_period}")
 
 
+class RetryWithoutResults(optuna.storages.RetryHeartbeatStaleTrialCallback):
+    """Optuna's retry of a stale trial (same parameters; ``failed_trial`` and ``retry_history`` system
+    attributes), without the dead trial's user attributes. Those hold what the dead run had measured (its
+    accuracy curve so far, or its final accuracies and a pruned reason if it died just before reporting);
+    Optuna copies them, so a retry that failed early or was pruned showed them as its own in exports. The
+    retry's run writes its seed, cost and design attributes again before training."""
+
+    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        trial = copy.copy(trial)
+        trial.user_attrs = {}
+        super().__call__(study, trial)
+
+
 def open_storage(
     url: str,
     *,
@@ -194,8 +208,7 @@ def open_storage(
                 heartbeat = {
                     "heartbeat_interval": heartbeat_interval,
                     "grace_period": grace_period or 2 * heartbeat_interval,
-                    "heartbeat_stale_trial_callback": optuna.storages.RetryHeartbeatStaleTrialCallback(
-                        max_retry=max_retry),
+                    "heartbeat_stale_trial_callback": RetryWithoutResults(max_retry=max_retry),
                 }
             storage_class = SQLiteStorage if url.startswith("sqlite") else optuna.storages.RDBStorage
             return storage_class(url, engine_kwargs=engine_kwargs, **heartbeat)

@@ -32,7 +32,7 @@ from search.objective import Devices, TrialRunner, trial_seed
 from search.pareto import front_table, hypervolume, pareto_front, reference_costs
 from search.storage import STORAGE_ENV, masked, open_storage, resolve_storage_url, resolve_study_name, runs_dir
 from search.study_config import StudyConfig
-from search.study_store import create_or_load_study, default_study_name
+from search.study_store import check_definition, create_or_load_study, default_study_name
 from search.worker import FAIL_REASON_ATTR, THREADS_ATTR, WorkerSpec
 
 __all__ = ["run"]
@@ -127,19 +127,33 @@ def _report_worker_failures(procs: list[tuple[subprocess.Popen, Path]]) -> int:
     return bad
 
 
-def _stop_workers(procs: list[tuple[subprocess.Popen, Path]], sig: int = signal.SIGINT, timeout: float = 60.0) -> None:
+def _stop_workers(
+    procs: list[tuple[subprocess.Popen, Path]], sig: int = signal.SIGINT, timeout: float = 60.0, grace: float = 10.0
+) -> None:
     """Pass the stop signal on (a terminal's Ctrl-C reached the workers already; a second one is ignored),
-    give them time to mark their trials, then make sure they are gone."""
+    give them ``timeout`` seconds to mark their trials, then make sure they are gone.
+
+    A worker past its time (stuck in a native call, a DDP teardown, a locked database) has already taken
+    its first signal, and its handler only notes a second one, so SIGTERM may not end it: after ``grace``
+    more seconds it is killed. Its trial stays RUNNING and is failed and retried once its heartbeat is
+    stale, as after any crash."""
     for proc, _ in procs:
         if proc.poll() is None:
             proc.send_signal(sig)
     deadline = time.monotonic() + timeout
-    for proc, _ in procs:
+    for i, (proc, _) in enumerate(procs):
         try:
             proc.wait(max(0.1, deadline - time.monotonic()))
+            continue
         except subprocess.TimeoutExpired:
             proc.terminate()
-            proc.wait(10)
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            print(f"worker {i} did not stop within {timeout + grace:.0f} s; killed it (its running trial is "
+                  "retried once its heartbeat is stale)", file=sys.stderr)
+            proc.kill()
+            proc.wait()
 
 
 def _summary(study: optuna.Study) -> None:
@@ -158,8 +172,24 @@ def _summary(study: optuna.Study) -> None:
         )
 
 
+def _flags_in_name(resolved: str, name: str) -> str | None:
+    """The definition-changing flags a study named ``name-<overrides>`` was run with (``--dataset digits
+    --epochs 2``; see ``default_study_name``), or None when ``resolved`` is not such a name."""
+    parts = resolved[len(name) + 1:].split("-") if resolved.startswith(f"{name}-") else []
+    pairs = [part.split("=", 1) for part in parts]
+    if not pairs or any(len(pair) != 2 for pair in pairs):
+        return None
+    return " ".join(f"--{key} {value}" for key, value in pairs)
+
+
 def _rerun(args: argparse.Namespace, cfg: StudyConfig, storage: optuna.storages.BaseStorage, name: str) -> int:
-    study = optuna.load_study(study_name=resolve_study_name(storage, name), storage=storage)
+    resolved = resolve_study_name(storage, name)
+    study = optuna.load_study(study_name=resolved, storage=storage)
+    # Retraining under another definition (the file changed, or the run's --dataset/--epochs were left off)
+    # would compare the stored accuracy with a different experiment's.
+    flags = _flags_in_name(resolved, name)
+    check_definition(study, cfg, f"--rerun-trial: add the flags it was run with ({flags})" if flags else
+                     "--rerun-trial: restore the study file it was run with")
     stored = next((t for t in study.get_trials(deepcopy=False) if t.number == args.rerun_trial), None)
     if stored is None:
         raise UsageError(f"--rerun-trial: study {study.study_name!r} has no trial {args.rerun_trial}")
@@ -237,13 +267,16 @@ def run(args: argparse.Namespace, cfg: StudyConfig, overrides: dict[str, object]
         overrides={k: v for k, v in overrides.items() if v is not None},
         heartbeat_interval=args.heartbeat_interval or None,
         grace_period=args.grace_period,
+        trials_at_start=len(study.get_trials(deepcopy=False)),
     )
     signal.signal(signal.SIGTERM, _on_sigterm)
     procs = _start_workers(slots, spec, runs_dir(args.runs_dir) / "logs" / name)
     try:
         _monitor(study, procs, cfg.trials, args.poll)
     except KeyboardInterrupt as e:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the clean stop short
+        # A second Ctrl-C, or a scheduler's repeated SIGTERM, must not cut the clean stop short.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         print(
             "\ninterrupted: stopping workers (their running trials are marked failed); rerun the same command "
             "to resume",
@@ -257,4 +290,11 @@ def run(args: argparse.Namespace, cfg: StudyConfig, overrides: dict[str, object]
     # The study is what counts: a worker that died (its trial retried by another) is reported above, but
     # a study that holds its trials is a success.
     finished = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
-    return 0 if finished >= cfg.trials else 1
+    if finished >= cfg.trials:
+        return 0
+    running = len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
+    stuck = (f"; {running} trial(s) still RUNNING hold the rest of the budget, and with heartbeats off "
+             "(--heartbeat-interval 0) nothing fails and retries them: rerun with heartbeats on"
+             if running and not args.heartbeat_interval else "; rerun the command to continue")
+    print(f"error: the study holds {finished} of its {cfg.trials} finished trials{stuck}", file=sys.stderr)
+    return 1

@@ -23,6 +23,7 @@ from search.study_config import StudyConfig
 __all__ = [
     "DEFINITION_ATTR",
     "HASH_ATTR",
+    "check_definition",
     "create_or_load_study",
     "default_study_name",
     "git_revision",
@@ -87,12 +88,15 @@ def make_sampler_for(cfg: StudyConfig, num_stages: int) -> optuna.samplers.BaseS
         raise UsageError(f"study {cfg.name!r}: {e}") from None
 
 
-def _check_definition(study: optuna.Study, cfg: StudyConfig) -> None:
+def check_definition(
+    study: optuna.Study, cfg: StudyConfig, remedy: str = "give another --study-name, or restore the study file"
+) -> None:
+    """Refuse ``cfg`` for a study stored under another definition (its hash), naming ``remedy``."""
     stored = study.user_attrs.get(HASH_ATTR)
     if stored is not None and stored != cfg.definition_hash():
         raise UsageError(
             f"study {study.study_name!r} exists with a different definition (stored {stored}, now "
-            f"{cfg.definition_hash()}); give another --study-name, or restore the study file"
+            f"{cfg.definition_hash()}); {remedy}"
         )
 
 
@@ -118,7 +122,7 @@ def create_or_load_study(
         raise UsageError(f"study {cfg.name!r}: {e}") from None
     existing = load_existing_study(storage, name)
     if existing is not None:
-        _check_definition(existing, cfg)
+        check_definition(existing, cfg)
         if existing.directions != optuna.create_study(directions=cfg.directions).directions:
             raise UsageError(f"study {name!r} exists with other objectives; give another --study-name")
     study = optuna.create_study(

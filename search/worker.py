@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 import optuna
 import torch
-from optuna.storages._heartbeat import get_heartbeat_thread, is_heartbeat_enabled
+from optuna.storages._heartbeat import is_heartbeat_enabled
 from optuna.trial import TrialState
 
 from lightning_modules.backbones import BACKBONES
@@ -45,6 +45,7 @@ from search import redact
 from search.data import prepare_datamodule
 from search.devices import pin_threads
 from search.errors import UsageError, UsageParser, cli_main
+from search.heartbeat import Heartbeat
 from search.objective import PRUNED_REASON_ATTR, Devices, TrialRunner
 from search.pruning import make_pruner
 from search.storage import fail_stale_trials, masked, open_storage
@@ -86,6 +87,8 @@ class WorkerSpec:
     heartbeat_interval: int | None = 60
     grace_period: int | None = None
     worker_index: int = 0
+    # Trials the study held when the command started; a resumed command's samplers draw new streams from it.
+    trials_at_start: int = 0
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -178,14 +181,19 @@ def _is_surplus(study: optuna.Study, trial: optuna.Trial, trials: int) -> bool:
     return len(earlier) >= trials
 
 
-def sampler_seed(study_seed: int, worker_index: int, host: str | None = None) -> int:
+def sampler_seed(study_seed: int, worker_index: int, host: str | None = None, trials_at_start: int = 0) -> int:
     """The seed of one worker's sampler. Workers seeded alike would suggest the same parameters at the
     same moment (every random start-up trial of TPE, every random pick of the grid), so the seed mixes in
     the worker's index and its machine: reproducible for the same command on the same machine, distinct
-    across workers and machines. Training seeds do not depend on it (``trial_seed``)."""
+    across workers and machines. A resumed command (the study held ``trials_at_start`` trials when it
+    started) mixes that in too; otherwise its workers would replay the first run's random proposals and
+    train those parameters again. A new study's seeds are the same as before that count was added.
+    Training seeds do not depend on it (``trial_seed``)."""
     host = host if host is not None else socket.gethostname()
-    state = np.random.SeedSequence([study_seed % 2**32, zlib.crc32(host.encode()), worker_index]).generate_state(1)
-    return int(state[0])
+    entropy = [study_seed % 2**32, zlib.crc32(host.encode()), worker_index]
+    if trials_at_start:
+        entropy.append(trials_at_start)
+    return int(np.random.SeedSequence(entropy).generate_state(1)[0])
 
 
 def _log(message: str) -> None:
@@ -251,7 +259,7 @@ def _run_one(study: optuna.Study, trial: optuna.Trial, runner: Callable[[optuna.
     _log(f"trial {trial.number} started")
     failure: tuple[str, str | None] | None = None
     try:
-        with get_heartbeat_thread(trial._trial_id, study._storage), _interruptible():
+        with Heartbeat(study._storage, trial._trial_id, trial.number, _log), _interruptible():
             values = runner(trial)
     except optuna.TrialPruned as e:
         if PRUNED_REASON_ATTR not in trial.user_attrs:  # TrialRunner stores it with the trial's results
@@ -300,7 +308,8 @@ def run_worker(spec: WorkerSpec) -> int:
         pin_threads(spec.threads)
     cfg = load_study(spec.study, **spec.overrides)
     storage = open_storage(spec.storage, heartbeat_interval=spec.heartbeat_interval, grace_period=spec.grace_period)
-    sampler = make_sampler_for(cfg.replace(seed=sampler_seed(cfg.seed, spec.worker_index)),
+    sampler = make_sampler_for(cfg.replace(seed=sampler_seed(cfg.seed, spec.worker_index,
+                                                             trials_at_start=spec.trials_at_start)),
                                BACKBONES.get(cfg.backbone)().num_stages)
     study = optuna.load_study(study_name=spec.study_name, storage=storage, sampler=sampler,
                               pruner=None if cfg.multi_objective else make_pruner(cfg.pruner.name, cfg.pruner.options))
@@ -353,12 +362,18 @@ def read_spec(arg: str | None) -> WorkerSpec:
         raise UsageError(f"worker spec: expected the JSON search.run writes, got an error: {e}") from None
 
 
-def _serve(args: argparse.Namespace) -> int:
-    # Lightning's per-Trainer banners would repeat for every trial in the worker log.
+def quiet_trial_logs() -> None:
+    """Silence what would repeat for every trial in a worker's log: Lightning's per-Trainer banners (devices,
+    tips, "fit stopped"), Optuna's heartbeat-outside-optimize warning (our loop sends the heartbeats itself)
+    and a Lightning deprecation warning it raises on its own behalf."""
     logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)
     logging.getLogger("lightning_fabric").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+
+
+def _serve(args: argparse.Namespace) -> int:
+    quiet_trial_logs()
     install_signal_handlers()
     try:
         spec = read_spec(args.spec)

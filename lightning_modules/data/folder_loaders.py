@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -38,6 +39,17 @@ __all__ = ["DEFAULT_LARGE_IMAGE_SIZE", "STATS_SAMPLE", "FolderLoaders"]
 DEFAULT_LARGE_IMAGE_SIZE = 224
 STATS_SAMPLE = 1000  # training images the normalisation is estimated from (fixed seed)
 _CROP_RATIO = 0.875  # resize to size / 0.875, then centre-crop (the torchvision ImageNet recipe)
+
+
+def _default_stop_signals(worker_id: int) -> None:
+    """``worker_init_fn`` of every loader here. Worker processes are forked from the trial's process and
+    inherit its stop-signal handlers (``search.worker`` turns Ctrl-C into the trial's interruption). Ctrl-C
+    reaches the whole process group, workers included; with the inherited handler they died with a
+    traceback, and torch failed the trial with "DataLoader worker exited unexpectedly" instead of recording
+    the interruption. Torch's worker loop expects Python's defaults: a KeyboardInterrupt it swallows,
+    leaving the stop to the main process."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 class _Files(Dataset):
@@ -132,7 +144,8 @@ class FolderLoaders:
         total = torch.zeros(3, dtype=torch.float64)
         total_sq = torch.zeros(3, dtype=torch.float64)
         count = 0
-        for x, _ in DataLoader(ds, batch_size=64, num_workers=self.cfg.num_workers):
+        for x, _ in DataLoader(ds, batch_size=64, num_workers=self.cfg.num_workers,
+                               worker_init_fn=_default_stop_signals):
             x = x.to(torch.float64)
             total += x.sum(dim=(0, 2, 3))
             total_sq += (x * x).sum(dim=(0, 2, 3))
@@ -146,7 +159,8 @@ class FolderLoaders:
     def _loader_kwargs(self, device: torch.device) -> dict[str, Any]:
         workers = self.cfg.num_workers
         return {"batch_size": self.cfg.batch_size, "num_workers": workers,
-                "pin_memory": device.type == "cuda", "persistent_workers": workers > 0}
+                "pin_memory": device.type == "cuda", "persistent_workers": workers > 0,
+                "worker_init_fn": _default_stop_signals}
 
     def train_loader(self, world: int, rank: int, seed: int, device: torch.device) -> DataLoader:
         """Shuffled, augmented, drop-last; sharded over ``world`` ranks by our own ``DistributedSampler``

@@ -172,6 +172,27 @@ def test_run_changed_definition_on_postgres_refused_without_writing(
     assert not (tmp_path / "runs" / "logs" / pg_study).exists()  # no worker was started
 
 
+@pytest.mark.parametrize(("rerun_flags", "expected"), [
+    ([], "add the flags it was run with (--epochs 2)"),  # found through its name, quick-epochs=2
+    (["--study-name", "quick-epochs=2"], "restore the study file it was run with"),
+])
+def test_run_rerun_trial_under_another_definition_refused(search_run: ForkedCli, tmp_path: Path,
+                                                          rerun_flags: list[str], expected: str) -> None:
+    """``--rerun-trial`` of a study run with ``--epochs 2`` but asked without it would retrain another
+    experiment and compare its accuracy with the stored one: refused, naming the flags to add."""
+    study_file = write_study(tmp_path)
+    db = tmp_path / "studies.db"
+    storage = open_storage(f"sqlite:///{db}", heartbeat_interval=None)
+    study = create_or_load_study(storage, "quick-epochs=2", load_study(str(study_file), epochs=2), 3)
+    study.enqueue_trial({})
+    before = (study.user_attrs, [(t.number, t.state) for t in study.trials])
+    result = search_run.run("--study", str(study_file), *rerun_flags, "--rerun-trial", "0", "--storage",
+                            f"sqlite:///{db}", "--runs-dir", str(tmp_path / "runs"))
+    _one_line_exit_2(result, expected)
+    after = optuna.load_study(study_name="quick-epochs=2", storage=storage)
+    assert (after.user_attrs, [(t.number, t.state) for t in after.trials]) == before
+
+
 def _run_in_fresh_process(argv: list[str], modules: tuple[str, ...]) -> subprocess.CompletedProcess[str]:
     """``search.run.main(argv)`` in a new interpreter; stdout: its exit code and which of ``modules`` it
     imported."""

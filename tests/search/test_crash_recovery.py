@@ -62,6 +62,8 @@ def test_worker_retries_stale_trial_with_same_params_and_seed(tmp_path: Path) ->
     dead = study.ask()  # the dead worker's trial: parameters chosen, one heartbeat, then silence
     TrialRunner(cfg, prepare_datamodule(cfg), Devices()).design(dead)
     dead.set_user_attr("seed", trial_seed(cfg.seed, dead))
+    # What the dead run had measured (it died just before reporting a pruned trial): not the retry's.
+    dead.set_user_attr("pruned_reason", "pruned after epoch 1")
     storage.record_heartbeat(dead._trial_id)
     started = time.monotonic()
     run_worker(WorkerSpec(study=str(study_file), study_name="crash", storage=url, trials=2, heartbeat_interval=1,
@@ -69,6 +71,9 @@ def test_worker_retries_stale_trial_with_same_params_and_seed(tmp_path: Path) ->
     assert time.monotonic() - started >= 2  # it waited for the grace period instead of leaving the slot
     study = load(url, "crash")
     _assert_recovered(study, 2, [study.trials[dead.number]])
+    retry = next(t for t in study.trials if t.system_attrs.get("failed_trial") == dead.number)
+    assert retry.state == TrialState.COMPLETE and "pruned_reason" not in retry.user_attrs
+    assert retry.user_attrs["seed"] == trial_seed(cfg.seed, dead)  # written again by its own run
 
 
 def _running_mid_trial(url: str, name: str, count: int = 1) -> list[optuna.trial.FrozenTrial] | None:

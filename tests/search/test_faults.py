@@ -10,9 +10,11 @@ from __future__ import annotations
 import gc
 import os
 import signal
+import time
 import weakref
 from pathlib import Path
 
+import numpy as np
 import optuna
 import pytest
 import torch
@@ -130,7 +132,9 @@ def test_run_stop_signal_marks_running_trials_failed_exit_130(tmp_path: Path, ho
         wait_until(lambda: _running_with_epoch(url), 300, "both workers to be inside a trial")
         if how == "ctrl-c":
             os.killpg(proc.pid, signal.SIGINT)
-        else:
+        else:  # twice, as some schedulers do: the second must not cut the clean stop short
+            proc.send_signal(signal.SIGTERM)
+            time.sleep(0.3)
             proc.send_signal(signal.SIGTERM)
         assert proc.wait(120) == 130, (tmp_path / "run.log").read_text()[-3000:]
     finally:
@@ -144,10 +148,78 @@ def test_run_stop_signal_marks_running_trials_failed_exit_130(tmp_path: Path, ho
     assert "Traceback" not in worker_logs(runs, "tiny")
 
 
-def _running_with_epoch(url: str) -> bool:
-    """Two trials running, each past its first epoch (so the stop lands inside Lightning's fit)."""
+def _running_with_epoch(url: str, count: int = 2) -> bool:
+    """``count`` trials running, each past its first epoch (so the stop lands inside Lightning's fit)."""
     try:
         running = load(url, "tiny").get_trials(deepcopy=False, states=(TrialState.RUNNING,))
     except KeyError:
         return False
-    return len(running) == 2 and all(t.user_attrs.get("val_accuracy_curve") for t in running)
+    return len(running) == count and all(t.user_attrs.get("val_accuracy_curve") for t in running)
+
+
+def test_stop_workers_kills_a_worker_that_ignores_further_signals(tmp_path: Path, capsys) -> None:
+    """A worker that took the first stop signal only notes later ones (``search.worker._on_signal``); if it
+    then hangs (a native call, a DDP teardown), the command's SIGTERM does not end it either. The command
+    must still end: the worker is killed, and the user is told why (its trial is retried once stale)."""
+    import subprocess
+    import sys
+
+    from search.study_run import _stop_workers
+
+    ignores = ("import signal, sys, time\n"
+               "for s in (signal.SIGINT, signal.SIGTERM): signal.signal(s, signal.SIG_IGN)\n"
+               "print('ready', flush=True); time.sleep(600)\n")
+    waits = "import time\nprint('ready', flush=True); time.sleep(600)\n"
+    stubborn, obliging = (subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+                          for code in (ignores, waits))
+    # Signalled only once they are sleeping: Python started, its handlers (or their absence) in place.
+    assert stubborn.stdout.readline() == obliging.stdout.readline() == "ready\n"
+    try:
+        _stop_workers([(stubborn, tmp_path / "w0.log"), (obliging, tmp_path / "w1.log")], timeout=1, grace=1)
+        assert stubborn.returncode == -signal.SIGKILL
+        assert obliging.returncode == -signal.SIGINT  # it took the stop signal itself: not killed
+        assert "worker 0 did not stop within 2 s; killed it" in capsys.readouterr().err
+    finally:
+        for proc in (stubborn, obliging):
+            if proc.poll() is None:
+                proc.kill()
+
+
+def _large_image_tree(root: Path, classes: int = 3, per_class: int = 40, size: int = 72) -> Path:
+    """A train/test tree of ``size``-pixel images (over 64 px: served by DataLoaders with worker processes)."""
+    from PIL import Image
+
+    rng = np.random.RandomState(0)
+    for split, n in (("train", per_class), ("test", per_class // 4)):
+        for label in range(classes):
+            folder = root / split / f"c{label}"
+            folder.mkdir(parents=True)
+            for i in range(n):
+                pixels = np.clip(rng.randint(-40, 40, (size, size, 3)) + 60 * label + 40, 0, 255)
+                Image.fromarray(pixels.astype(np.uint8)).save(folder / f"{i:03d}.png")
+    return root
+
+
+@pytest.mark.slow
+def test_run_ctrl_c_with_dataloader_workers_records_the_interrupt(tmp_path: Path) -> None:
+    """Ctrl-C reaches the whole process group, DataLoader worker processes included (image trees over
+    64 px). They must stop quietly, as torch expects, so the trial is failed as interrupted, not with a
+    "DataLoader worker exited unexpectedly" or a traceback from a worker."""
+    tree = _large_image_tree(tmp_path / "tree")
+    study_file = tiny_study(tmp_path, data={"dataset": "imagefolder", "data_dir": str(tree), "image_size": 72,
+                                            "num_workers": 2, "val_size": 0.2},
+                            training={"epochs": 200, "batch_size": 16}, trials=1)
+    url = f"sqlite:///{tmp_path / 'studies.db'}"
+    runs = tmp_path / "runs"
+    proc = start_cli("search.run", "--study", str(study_file), "--storage", url, "--runs-dir", str(runs),
+                     "--poll", "0.2", log=tmp_path / "run.log")
+    try:
+        wait_until(lambda: _running_with_epoch(url, 1), 300, "the trial to be past its first epoch")
+        os.killpg(proc.pid, signal.SIGINT)
+        assert proc.wait(120) == 130, (tmp_path / "run.log").read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    failed = load(url, "tiny").get_trials(states=(TrialState.FAIL,))
+    assert [t.user_attrs[FAIL_REASON_ATTR] for t in failed] == ["interrupted (Ctrl-C)"]
+    assert "Traceback" not in worker_logs(runs, "tiny")

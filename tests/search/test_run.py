@@ -9,8 +9,11 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
+from search.storage import open_storage
+from search.study_config import load_study
+from search.study_store import create_or_load_study
 from tests.conftest import isolated_env
-from tests.search.helpers import QUICK_STUDY, run_cli, write_study
+from tests.search.helpers import QUICK_STUDY, run_cli, tiny_study, write_study
 
 pytestmark = pytest.mark.slow
 
@@ -59,6 +62,11 @@ def test_run_digits_study_completes_and_prints_front(tmp_path: Path) -> None:
     assert attrs["versions"]["optuna"] == optuna.__version__
     assert attrs["definition_hash"] and attrs["git_revision"]
     assert study.metric_names == ["val_accuracy", "flops"]
+    # The worker's log says which trial started, not Lightning's banners and warnings once per trial.
+    log = (tmp_path / "runs" / "logs" / "quick" / "worker-0.log").read_text()
+    assert log.count("trial 2 started") == 1
+    for noise in ("GPU available", "Trainer.fit", "estimate number of stepping batches", "Heartbeat of storage"):
+        assert noise not in log, noise
 
 
 @pytest.fixture(scope="module")
@@ -123,3 +131,28 @@ def test_run_rerun_trial_uses_the_trials_own_thread_count(one_trial_run: Path, t
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"{stored.user_attrs['torch_threads']} torch threads" in result.stdout
     assert _rerun_val(result.stdout) == pytest.approx(stored.user_attrs["val_accuracy"], abs=1e-6)
+
+
+def test_run_resumed_command_does_not_replay_its_first_runs_proposals(tmp_path: Path) -> None:
+    """Random sampler, one worker: the command run for 2 trials, then again for 4. Its sampler must not start
+    from the first run's state, or trials 2 and 3 would train trials 0 and 1's parameters again."""
+    study_file = tiny_study(tmp_path)
+    for trials in ("2", "4"):
+        result = _run(tmp_path, study_file, "--trials", trials)
+        assert result.returncode == 0, result.stderr[-3000:]
+    trials = _load(tmp_path, "tiny").get_trials(states=FINISHED)
+    assert [t.number for t in trials] == [0, 1, 2, 3]
+    params = [tuple(sorted(t.params.items())) for t in trials]
+    assert len(set(params)) == 4, params
+
+
+def test_run_heartbeats_off_with_orphaned_running_trials_says_why_it_cannot_finish(tmp_path: Path) -> None:
+    """A trial left RUNNING by a worker that died, and heartbeats off: nothing will ever fail and retry it, so
+    the command cannot fill its budget. It exits 1 and says so, instead of a bare exit status."""
+    study_file = tiny_study(tmp_path)
+    storage = open_storage(_storage(tmp_path), heartbeat_interval=None)
+    create_or_load_study(storage, "tiny", load_study(str(study_file)), 3).ask()  # the dead worker's trial
+    result = _run(tmp_path, study_file, "--trials", "1", "--heartbeat-interval", "0")
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert ("error: the study holds 0 of its 1 finished trials; 1 trial(s) still RUNNING hold the rest of the "
+            "budget, and with heartbeats off (--heartbeat-interval 0) nothing fails and retries them") in result.stderr

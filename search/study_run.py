@@ -218,8 +218,8 @@ def _on_sigterm(signum: int, frame: object) -> None:
     raise _Terminated()
 
 
-def _resume_line(study: optuna.Study) -> str | None:
-    states = Counter(t.state for t in study.get_trials(deepcopy=False))
+def _resume_line(trials: list[optuna.trial.FrozenTrial]) -> str | None:
+    states = Counter(t.state for t in trials)
     if not states:
         return None
     finished = states[TrialState.COMPLETE] + states[TrialState.PRUNED]
@@ -250,7 +250,8 @@ def run(args: argparse.Namespace, cfg: StudyConfig, overrides: dict[str, object]
         BACKBONES.get(cfg.backbone)().num_stages,
         {"reference_costs": reference_costs(cfg, **shape), "data_shape": shape},
     )
-    resume = _resume_line(study)
+    existing = study.get_trials(deepcopy=False)  # read once: the resume line and the workers' sampler seeds
+    resume = _resume_line(existing)
     per_trial = f", {slots[0].devices} DDP processes per trial" if slots[0].devices > 1 else ""
     print(
         f"study {name!r} in {masked(url)}: {cfg.trials} trials, {len(slots)} worker(s) on "
@@ -267,7 +268,7 @@ def run(args: argparse.Namespace, cfg: StudyConfig, overrides: dict[str, object]
         overrides={k: v for k, v in overrides.items() if v is not None},
         heartbeat_interval=args.heartbeat_interval or None,
         grace_period=args.grace_period,
-        trials_at_start=len(study.get_trials(deepcopy=False)),
+        trials_at_start=len(existing),
     )
     signal.signal(signal.SIGTERM, _on_sigterm)
     procs = _start_workers(slots, spec, runs_dir(args.runs_dir) / "logs" / name)

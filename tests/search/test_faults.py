@@ -14,7 +14,6 @@ import time
 import weakref
 from pathlib import Path
 
-import numpy as np
 import optuna
 import pytest
 import torch
@@ -27,6 +26,7 @@ from search.storage import open_storage
 from search.study_config import load_study
 from search.study_store import create_or_load_study
 from search.worker import FAIL_REASON_ATTR, MAX_CONSECUTIVE_FAILURES, WorkerGaveUp, WorkerSpec, _run_one, run_worker
+from tests.lightning_modules.test_data import _write_tree
 from tests.search.helpers import load, start_cli, states, tiny_study, wait_until, worker_logs
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -185,27 +185,12 @@ def test_stop_workers_kills_a_worker_that_ignores_further_signals(tmp_path: Path
                 proc.kill()
 
 
-def _large_image_tree(root: Path, classes: int = 3, per_class: int = 40, size: int = 72) -> Path:
-    """A train/test tree of ``size``-pixel images (over 64 px: served by DataLoaders with worker processes)."""
-    from PIL import Image
-
-    rng = np.random.RandomState(0)
-    for split, n in (("train", per_class), ("test", per_class // 4)):
-        for label in range(classes):
-            folder = root / split / f"c{label}"
-            folder.mkdir(parents=True)
-            for i in range(n):
-                pixels = np.clip(rng.randint(-40, 40, (size, size, 3)) + 60 * label + 40, 0, 255)
-                Image.fromarray(pixels.astype(np.uint8)).save(folder / f"{i:03d}.png")
-    return root
-
-
 @pytest.mark.slow
 def test_run_ctrl_c_with_dataloader_workers_records_the_interrupt(tmp_path: Path) -> None:
     """Ctrl-C reaches the whole process group, DataLoader worker processes included (image trees over
     64 px). They must stop quietly, as torch expects, so the trial is failed as interrupted, not with a
     "DataLoader worker exited unexpectedly" or a traceback from a worker."""
-    tree = _large_image_tree(tmp_path / "tree")
+    tree = _write_tree(tmp_path / "tree", n_train=40, n_test=10, size=(72, 72))  # over 64 px: DataLoaders
     study_file = tiny_study(tmp_path, data={"dataset": "imagefolder", "data_dir": str(tree), "image_size": 72,
                                             "num_workers": 2, "val_size": 0.2},
                             training={"epochs": 200, "batch_size": 16}, trials=1)

@@ -32,7 +32,13 @@ from search.objective import Devices, TrialRunner, trial_seed
 from search.pareto import front_table, hypervolume, pareto_front, reference_costs
 from search.storage import STORAGE_ENV, masked, open_storage, resolve_storage_url, resolve_study_name, runs_dir
 from search.study_config import StudyConfig
-from search.study_store import check_definition, create_or_load_study, default_study_name
+from search.study_store import (
+    check_definition,
+    create_or_load_study,
+    default_study_name,
+    flags_for_definition,
+    load_existing_study,
+)
 from search.worker import FAIL_REASON_ATTR, THREADS_ATTR, WorkerSpec
 
 __all__ = ["run"]
@@ -172,24 +178,20 @@ def _summary(study: optuna.Study) -> None:
         )
 
 
-def _flags_in_name(resolved: str, name: str) -> str | None:
-    """The definition-changing flags a study named ``name-<overrides>`` was run with (``--dataset digits
-    --epochs 2``; see ``default_study_name``), or None when ``resolved`` is not such a name."""
-    parts = resolved[len(name) + 1:].split("-") if resolved.startswith(f"{name}-") else []
-    pairs = [part.split("=", 1) for part in parts]
-    if not pairs or any(len(pair) != 2 for pair in pairs):
-        return None
-    return " ".join(f"--{key} {value}" for key, value in pairs)
+def _remedy(study: optuna.Study, args: argparse.Namespace, overrides: dict[str, object], prefix: str,
+            otherwise: str) -> str:
+    """What to do about ``study``'s other definition: add the flags it was run with, if some do."""
+    flags = flags_for_definition(study, args.study, overrides)
+    return f"{prefix}add the flags it was run with ({flags})" if flags else f"{prefix}{otherwise}"
 
 
-def _rerun(args: argparse.Namespace, cfg: StudyConfig, storage: optuna.storages.BaseStorage, name: str) -> int:
-    resolved = resolve_study_name(storage, name)
-    study = optuna.load_study(study_name=resolved, storage=storage)
+def _rerun(args: argparse.Namespace, cfg: StudyConfig, storage: optuna.storages.BaseStorage, name: str,
+           overrides: dict[str, object]) -> int:
+    study = optuna.load_study(study_name=resolve_study_name(storage, name), storage=storage)
     # Retraining under another definition (the file changed, or the run's --dataset/--epochs were left off)
     # would compare the stored accuracy with a different experiment's.
-    flags = _flags_in_name(resolved, name)
-    check_definition(study, cfg, f"--rerun-trial: add the flags it was run with ({flags})" if flags else
-                     "--rerun-trial: restore the study file it was run with")
+    check_definition(study, cfg, lambda: _remedy(study, args, overrides, "--rerun-trial: ",
+                                                 "restore the study file it was run with"))
     stored = next((t for t in study.get_trials(deepcopy=False) if t.number == args.rerun_trial), None)
     if stored is None:
         raise UsageError(f"--rerun-trial: study {study.study_name!r} has no trial {args.rerun_trial}")
@@ -238,7 +240,14 @@ def run(args: argparse.Namespace, cfg: StudyConfig, overrides: dict[str, object]
     storage = open_storage(url, heartbeat_interval=args.heartbeat_interval or None, grace_period=args.grace_period)
     name = args.study_name or default_study_name(cfg, overrides)
     if args.rerun_trial is not None:
-        return _rerun(args, cfg, storage, name)
+        return _rerun(args, cfg, storage, name, overrides)
+    existing_study = load_existing_study(storage, name)
+    if existing_study is not None:  # checked before the data is prepared (a first CIFAR cache takes minutes)
+        # Under a name of its own, the flags the study was run with are the likely fix; under the default
+        # name, flags would name another study, so only the file can have changed.
+        check_definition(existing_study, cfg, lambda: _remedy(
+            existing_study, args, overrides, "", "give another --study-name, or restore the study file"
+        ) if args.study_name else "give another --study-name, or restore the study file")
     dm = prepare_datamodule(cfg)  # fails on missing data before the study is touched; fills the cache
     shape = {"num_classes": dm.num_classes, "in_channels": dm.in_channels, "image_size": dm.image_size}
     del dm

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+from collections.abc import Callable
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
@@ -18,7 +19,7 @@ from search.errors import UsageError
 from search.pruning import make_pruner
 from search.samplers import make_sampler
 from search.space import grid_search_space
-from search.study_config import StudyConfig
+from search.study_config import StudyConfig, load_study
 
 __all__ = [
     "DEFINITION_ATTR",
@@ -26,6 +27,7 @@ __all__ = [
     "check_definition",
     "create_or_load_study",
     "default_study_name",
+    "flags_for_definition",
     "git_revision",
     "load_existing_study",
     "make_sampler_for",
@@ -89,15 +91,55 @@ def make_sampler_for(cfg: StudyConfig, num_stages: int) -> optuna.samplers.BaseS
 
 
 def check_definition(
-    study: optuna.Study, cfg: StudyConfig, remedy: str = "give another --study-name, or restore the study file"
+    study: optuna.Study, cfg: StudyConfig,
+    remedy: str | Callable[[], str] = "give another --study-name, or restore the study file",
 ) -> None:
-    """Refuse ``cfg`` for a study stored under another definition (its hash), naming ``remedy``."""
+    """Refuse ``cfg`` for a study stored under another definition (its hash), naming ``remedy`` (a callable
+    is asked only then)."""
     stored = study.user_attrs.get(HASH_ATTR)
     if stored is not None and stored != cfg.definition_hash():
         raise UsageError(
             f"study {study.study_name!r} exists with a different definition (stored {stored}, now "
-            f"{cfg.definition_hash()}); {remedy}"
+            f"{cfg.definition_hash()}); {remedy if isinstance(remedy, str) else remedy()}"
         )
+
+
+# The command-line flags that change a study's definition, and where its stored definition holds them.
+DEFINING_FLAGS = {"dataset": ("data", "dataset"), "epochs": ("training", "epochs"), "seed": ("seed",)}
+
+
+def flags_for_definition(study: optuna.Study, study_file: str, overrides: dict[str, object]) -> str | None:
+    """The fewest ``--dataset/--epochs/--seed`` flags that, added to ``overrides``, make ``study_file`` give
+    ``study``'s stored definition (``"--epochs 2"``); None when none do (the file itself changed).
+
+    Read from the stored definition, not parsed back out of the study's name: a study run under
+    ``--study-name`` carries no flags in its name."""
+    try:
+        stored = json.loads(study.user_attrs[DEFINITION_ATTR])
+        wanted = {}
+        for flag, path in DEFINING_FLAGS.items():
+            value = stored
+            for key in path:
+                value = value[key]
+            wanted[flag] = value
+    except (KeyError, TypeError, ValueError):
+        return None
+
+    def gives_stored(flags: dict[str, object]) -> bool:
+        try:
+            cfg = load_study(study_file, **{**overrides, **flags})
+        except (UsageError, ValueError):
+            return False
+        return cfg.definition_hash() == study.user_attrs.get(HASH_ATTR)
+
+    needed = {flag: value for flag, value in wanted.items() if value != overrides.get(flag)}
+    if not needed or not gives_stored(needed):
+        return None
+    for flag in list(needed):  # drop what the file already gives (a dataset's profile may set the epochs)
+        fewer = {k: v for k, v in needed.items() if k != flag}
+        if gives_stored(fewer):
+            needed = fewer
+    return " ".join(f"--{flag} {value}" for flag, value in needed.items()) or None
 
 
 def load_existing_study(storage: optuna.storages.BaseStorage, name: str) -> optuna.Study | None:

@@ -172,25 +172,47 @@ def test_run_changed_definition_on_postgres_refused_without_writing(
     assert not (tmp_path / "runs" / "logs" / pg_study).exists()  # no worker was started
 
 
-@pytest.mark.parametrize(("rerun_flags", "expected"), [
-    ([], "add the flags it was run with (--epochs 2)"),  # found through its name, quick-epochs=2
-    (["--study-name", "quick-epochs=2"], "restore the study file it was run with"),
+@pytest.mark.parametrize(("rerun_flags", "file_change", "expected"), [
+    ([], None, "--rerun-trial: add the flags it was run with (--epochs 2)"),  # found through its name
+    (["--study-name", "quick-epochs=2"], None, "--rerun-trial: add the flags it was run with (--epochs 2)"),
+    (["--epochs", "2"], ("reduction: [4, 16]", "reduction: [8]"), "--rerun-trial: restore the study file it was"),
 ])
-def test_run_rerun_trial_under_another_definition_refused(search_run: ForkedCli, tmp_path: Path,
-                                                          rerun_flags: list[str], expected: str) -> None:
+def test_run_rerun_trial_under_another_definition_refused(search_run: ForkedCli, tmp_path: Path, rerun_flags: list[str],
+                                                          file_change: tuple[str, str] | None, expected: str) -> None:
     """``--rerun-trial`` of a study run with ``--epochs 2`` but asked without it would retrain another
-    experiment and compare its accuracy with the stored one: refused, naming the flags to add."""
+    experiment and compare its accuracy with the stored one: refused, naming the flags to add (read from the
+    stored definition), or the study file when it changed."""
     study_file = write_study(tmp_path)
     db = tmp_path / "studies.db"
     storage = open_storage(f"sqlite:///{db}", heartbeat_interval=None)
     study = create_or_load_study(storage, "quick-epochs=2", load_study(str(study_file), epochs=2), 3)
     study.enqueue_trial({})
     before = (study.user_attrs, [(t.number, t.state) for t in study.trials])
+    if file_change:
+        study_file.write_text(study_file.read_text().replace(*file_change))
     result = search_run.run("--study", str(study_file), *rerun_flags, "--rerun-trial", "0", "--storage",
                             f"sqlite:///{db}", "--runs-dir", str(tmp_path / "runs"))
     _one_line_exit_2(result, expected)
     after = optuna.load_study(study_name="quick-epochs=2", storage=storage)
     assert (after.user_attrs, [(t.number, t.state) for t in after.trials]) == before
+
+
+def test_run_under_study_name_with_other_flags_refused_naming_them(search_run: ForkedCli, tmp_path: Path) -> None:
+    """A study of one's own name (``--study-name mine``) run with ``--epochs 2 --seed 3``, resumed without
+    them: refused before the data is prepared or anything written, naming the flags to add."""
+    study_file = write_study(tmp_path)
+    db = tmp_path / "studies.db"
+    storage = open_storage(f"sqlite:///{db}", heartbeat_interval=None)
+    study = create_or_load_study(storage, "mine", load_study(str(study_file), dataset="cifar10", epochs=2, seed=3), 3)
+    before = study.user_attrs
+    # No CIFAR-10 under --data-dir: the data check would fail, but the definition is checked first.
+    result = search_run.run("--study", str(study_file), "--study-name", "mine", "--dataset", "cifar10",
+                            "--data-dir", str(tmp_path / "no-data-here"), "--storage", f"sqlite:///{db}",
+                            "--runs-dir", str(tmp_path / "runs"))
+    _one_line_exit_2(result, "exists with a different definition (stored ")
+    assert result.stderr.rstrip().endswith("; add the flags it was run with (--epochs 2 --seed 3)"), result.stderr
+    assert optuna.load_study(study_name="mine", storage=storage).user_attrs == before
+    assert not (tmp_path / "runs" / "logs").exists()
 
 
 def _run_in_fresh_process(argv: list[str], modules: tuple[str, ...]) -> subprocess.CompletedProcess[str]:

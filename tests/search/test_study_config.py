@@ -10,6 +10,7 @@ import pytest
 from search.errors import UsageError
 from search.space import grid_search_space, suggest
 from search.study_config import STUDIES_DIR, StudyConfig, find_study_file, load_study
+from search.study_store import create_or_load_study, flags_for_definition
 
 SHIPPED = sorted(p.stem for p in STUDIES_DIR.glob("*.yaml"))
 
@@ -179,3 +180,27 @@ def test_study_data_flip_reaches_the_training_loader(tmp_path: Path, flip: str) 
     dm = prepare_datamodule(load_study(str(study), data_dir=str(tree)))
     assert dm.train_dataloader().flip == flip
     assert dm.describe()["augment"]["horizontal_flip"] == flip
+
+
+@pytest.mark.parametrize(("run_with", "expected"), [
+    ({"dataset": "digits"}, "--dataset digits"),  # the digits profile's 10 epochs need no --epochs
+    ({"dataset": "digits", "epochs": 3, "seed": 7}, "--dataset digits --epochs 3 --seed 7"),
+    ({"seed": 5}, "--seed 5"),
+])
+def test_flags_for_definition_names_the_fewest_flags_the_study_was_run_with(run_with: dict, expected: str) -> None:
+    """What ``--rerun-trial`` and a run under ``--study-name`` suggest when the definitions differ: read from
+    the stored definition (not the study's name), and only the flags the file does not already give."""
+    study = create_or_load_study(optuna.storages.InMemoryStorage(), "mine", load_study("se_placement", **run_with), 4)
+    assert flags_for_definition(study, "se_placement", {}) == expected
+    assert flags_for_definition(study, "se_placement", run_with) is None  # given them all, nothing to add
+    if len(run_with) == 3:  # given some, only the rest are named
+        assert flags_for_definition(study, "se_placement", {"seed": 7}) == "--dataset digits --epochs 3"
+
+
+def test_flags_for_definition_none_when_the_file_itself_changed(tmp_path: Path) -> None:
+    study = create_or_load_study(optuna.storages.InMemoryStorage(), "mine", load_study("se_placement", epochs=3), 4)
+    edited = tmp_path / "se_placement.yaml"
+    edited.write_text(find_study_file("se_placement").read_text().replace("trials: 100", "trials: 7"))
+    assert flags_for_definition(study, str(edited), {}) == "--epochs 3"  # the trial count is not the definition
+    edited.write_text(find_study_file("se_placement").read_text().replace("reduction: [", "reduction: [2, "))
+    assert flags_for_definition(study, str(edited), {}) is None

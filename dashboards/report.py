@@ -25,8 +25,8 @@ import pandas as pd
 from dashboards.figures import write_study_figures
 from dashboards.paper import PAPER_MARGIN, PaperComparison, compare_with_paper
 from dashboards.results import COST_UNITS, StudyResults, choice_effects, load_results
-from search.errors import UsageError, UsageParser, cli_main
-from search.export import open_existing_storage, write_trials
+from search.errors import UsageParser, cli_main
+from search.export import check_out_dir, open_existing_storage, write_trials
 from search.storage import resolve_storage_url, resolve_study_name
 
 __all__ = ["build_parser", "main", "write_report"]
@@ -77,7 +77,7 @@ def _figure(src: str, caption: str) -> str:
 
 def _summary(results: StudyResults) -> str:
     states = Counter(results.trials.state)
-    done = results.completed
+    done = results.feasible
     best = done.loc[done.val_accuracy.idxmax()] if len(done) else None
     a = results.attrs
     items = [
@@ -203,8 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out: {args.out!r} exists and is not a directory")
+    check_out_dir(out, "--out")
     storage = open_existing_storage(resolve_storage_url(args.storage, args.runs_dir))
     name = resolve_study_name(storage, args.study)
     page = write_report(optuna.load_study(study_name=name, storage=storage), out)

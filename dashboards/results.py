@@ -20,7 +20,7 @@ import pandas as pd
 from optuna.trial import FrozenTrial, TrialState
 
 from search.export import SE_CHOICES, trials_dataframe
-from search.pareto import hypervolume
+from search.pareto import hypervolume, is_feasible
 
 __all__ = [
     "COST_UNITS",
@@ -67,11 +67,19 @@ class StudyResults:
         return self.trials[(self.trials.state == "complete") & self.trials.val_accuracy.notna()]
 
     @property
+    def feasible(self) -> pd.DataFrame:
+        """Completed trials within the study's budgets: the only ones a front or a best trial may hold."""
+        done = self.completed
+        return done[done.feasible]
+
+    @property
     def front(self) -> pd.DataFrame:
-        """Trials on the accuracy-cost front: the study's own front when it optimises both, else the
-        non-dominated completed trials in (validation accuracy, cost), sorted by cost."""
-        done = self.completed.dropna(subset=[self.cost])
-        front = done[done.pareto] if self.multi_objective else done.loc[non_dominated(done, self.cost)]
+        """Trials on the accuracy-cost front, sorted by cost: the study's own front when it optimises exactly
+        those two, else the non-dominated feasible trials in (validation accuracy, cost). A third objective
+        (params) puts trials on the study's front that another beats on accuracy and FLOPs alone."""
+        done = self.feasible.dropna(subset=[self.cost])
+        own = self.multi_objective and len(self.objectives) == 2
+        front = done[done.pareto] if own else done.loc[non_dominated(done, self.cost)]
         return front.sort_values([self.cost, "val_accuracy"])
 
     def label(self, row: pd.Series, short: bool = False) -> str:
@@ -143,7 +151,8 @@ def _history(study: optuna.Study, trials: Sequence[FrozenTrial],
         if use_hv:
             value = hypervolume(prefix, list(objectives), reference)
         else:
-            accs = [t.user_attrs.get("val_accuracy") for t in prefix if t.state == TrialState.COMPLETE]
+            accs = [t.user_attrs.get("val_accuracy") for t in prefix
+                    if t.state == TrialState.COMPLETE and is_feasible(t)]
             accs = [a for a in accs if a is not None]
             value = max(accs) if accs else math.nan
         rows.append({"finished": k, "number": prefix[-1].number, "value": value})

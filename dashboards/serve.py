@@ -27,7 +27,7 @@ from optuna.artifacts import FileSystemArtifactStore
 from dashboards.artifacts import artifact_store, default_artifact_dir, upload_missing_artifacts
 from dashboards.plots import publish_plots
 from search.errors import UsageError, UsageParser, at_least, cli_main
-from search.export import open_existing_storage
+from search.export import check_out_dir, open_existing_storage
 from search.storage import masked, resolve_storage_url
 
 __all__ = ["build_parser", "main", "refresh_studies"]
@@ -110,12 +110,13 @@ def serve(args: argparse.Namespace) -> int:
         raise UsageError(f"--port: must be 1-65535, got {args.port}")
     url = resolve_storage_url(args.storage, args.runs_dir)
     storage = open_existing_storage(url)
+    artifact_dir = Path(args.artifact_dir) if args.artifact_dir else default_artifact_dir(args.runs_dir)
+    check_out_dir(artifact_dir, "--artifact-dir")
     try:  # bind first: a busy port is refused before anything is created on disk
         httpd = make_server(args.host, args.port, _not_ready, server_class=_ThreadedServer,
                             handler_class=_QuietHandler)
     except OSError as e:
         raise UsageError(f"--port: cannot listen on {args.host}:{args.port}: {e.strerror or e}") from None
-    artifact_dir = Path(args.artifact_dir) if args.artifact_dir else default_artifact_dir(args.runs_dir)
     store = artifact_store(artifact_dir)
     httpd.set_app(optuna_dashboard.wsgi(storage, artifact_store=store))
     loaded: dict[str, optuna.Study] = {}

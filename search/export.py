@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import os
 import re
 import sys
 from collections.abc import Iterable, Sequence
@@ -27,12 +28,13 @@ from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy.engine import make_url
 
 from search.errors import UsageError, UsageParser, cli_main
-from search.pareto import pareto_front
+from search.pareto import is_feasible, pareto_front
 from search.storage import open_storage, resolve_storage_url, resolve_study_name
 
 __all__ = [
     "STATE_NAMES",
     "check_out",
+    "check_out_dir",
     "columns",
     "open_existing_storage",
     "parse_states",
@@ -59,6 +61,7 @@ _TAIL_DTYPES: dict[str, str] = {
     "duration_s": "float64",
     "train_s": "float64",
     "seed": "Int64",
+    "feasible": "bool",
     "pareto": "bool",
     CURVE_COLUMN: "object",
     "fail_reason": "string",
@@ -154,6 +157,7 @@ def _row(t: FrozenTrial, stages: int, hyperparameters: Sequence[str], front: set
         "duration_s": t.duration.total_seconds() if t.duration is not None else None,
         "train_s": a.get("train_seconds"),
         "seed": a.get("seed"),
+        "feasible": is_feasible(t),
         "pareto": t.number in front,
         CURVE_COLUMN: curve,
         "fail_reason": a.get("fail_reason"),
@@ -196,6 +200,20 @@ def check_out(out: str) -> None:
         raise UsageError(f"--out: {out!r} must end in .csv or .parquet (or be '-' for CSV on stdout)")
     if not Path(out).resolve().parent.is_dir():
         raise UsageError(f"--out: directory {str(Path(out).parent)!r} does not exist")
+    if Path(out).is_dir():
+        raise UsageError(f"--out: {out!r} is a directory; give a file name in it")
+
+
+def check_out_dir(path: str | Path, flag: str) -> None:
+    """Refuse a directory to write into that is a file, or below one, or cannot be created, before any
+    work (``mkdir`` would fail only after the study was read and the figures drawn)."""
+    path = Path(path).absolute()
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        what = "is a file" if existing == path else f"is below {str(existing)!r}, a file"
+        raise UsageError(f"{flag}: {str(path)!r} {what}; give a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"{flag}: cannot write in {str(existing)!r}; give a directory you can write to")
 
 
 def write_trials(df: pd.DataFrame, out: str) -> None:
@@ -247,7 +265,7 @@ def open_existing_storage(url: str) -> optuna.storages.RDBStorage:
         if database and not Path(database).exists():
             raise UsageError(f"--storage: no study database at {database!r}; run `python -m search.run` first "
                              "or give --storage")
-    return open_storage(url, heartbeat_interval=None)
+    return open_storage(url, heartbeat_interval=None, existing=True)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -23,8 +23,8 @@ from lightning_modules.training import make_trainer
 from search.cost import count_cost
 from search.data import data_config, ready_datamodule
 from search.ddp import RankGroup
+from search.pareto import CONSTRAINTS_ATTR
 from search.pruning import CURVE_ATTR, MultiObjectivePruner, PruningCallback
-from search.samplers import CONSTRAINTS_ATTR
 from search.space import TrialDesign, suggest
 from search.study_config import StudyConfig
 from search.trial_writes import batched_writes, set_user_attrs

@@ -19,7 +19,21 @@ from optuna.trial import FrozenTrial, TrialState
 if TYPE_CHECKING:
     from search.study_config import StudyConfig
 
-__all__ = ["front_rows", "front_table", "hypervolume", "pareto_front", "reference_costs"]
+__all__ = ["CONSTRAINTS_ATTR", "constraints_of", "front_rows", "front_table", "hypervolume", "is_feasible",
+           "pareto_front", "reference_costs"]
+
+# User attribute holding a trial's constraint values (<= 0 is feasible), written before training; the
+# samplers read it through ``constraints_of`` (Optuna's ``constraints_func``).
+CONSTRAINTS_ATTR = "constraints"
+
+
+def constraints_of(trial: FrozenTrial) -> Sequence[float]:
+    return trial.user_attrs.get(CONSTRAINTS_ATTR, ())
+
+
+def is_feasible(trial: FrozenTrial) -> bool:
+    """Within the study's budgets (every constraint value <= 0; a study without budgets stores none)."""
+    return all(value <= 0 for value in constraints_of(trial))
 
 
 def pareto_front(study: optuna.Study) -> list[FrozenTrial]:
@@ -50,10 +64,11 @@ def reference_costs(cfg: StudyConfig, *, num_classes: int, in_channels: int, ima
 
 
 def hypervolume(trials: Sequence[FrozenTrial], objectives: Sequence[str], reference: dict[str, float]) -> float:
-    """Normalised hypervolume of the completed ``trials`` (see module docstring); 0.0 with none."""
+    """Normalised hypervolume of the completed ``trials`` within the study's budgets (see module docstring);
+    0.0 with none. An over-budget trial is off the front (Optuna's ``best_trials``), so it adds no volume."""
     points = []
     for t in trials:
-        if t.state != TrialState.COMPLETE or t.values is None:
+        if t.state != TrialState.COMPLETE or t.values is None or not is_feasible(t):
             continue
         acc, *costs = t.values
         points.append([-acc, *(c / reference[o] for c, o in zip(costs, objectives[1:], strict=True))])

@@ -2,21 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import optuna
 
 from lightning_modules.registry import Registry
+from search.pareto import constraints_of
 
-__all__ = ["CONSTRAINTS_ATTR", "SAMPLERS", "constraints_of", "make_sampler"]
-
-# User attribute holding a trial's constraint values (<= 0 is feasible), written before training.
-CONSTRAINTS_ATTR = "constraints"
-
-
-def constraints_of(trial: optuna.trial.FrozenTrial) -> Sequence[float]:
-    return trial.user_attrs.get(CONSTRAINTS_ATTR, ())
+__all__ = ["SAMPLERS", "make_sampler"]
 
 
 SamplerFactory = Callable[[int, Mapping[str, Any], dict[str, list], bool], optuna.samplers.BaseSampler]

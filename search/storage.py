@@ -90,12 +90,27 @@ def masked(url: str) -> str:
         return url
 
 
+def _sqlite_engine_kwargs() -> dict:
+    return {"connect_args": {"timeout": SQLITE_BUSY_TIMEOUT_S}}
+
+
 def _prepare_sqlite(url: str) -> dict:
     database = make_url(url).database
     Path(database).parent.mkdir(parents=True, exist_ok=True)
     with sqlite3.connect(database, timeout=SQLITE_BUSY_TIMEOUT_S) as conn:
         conn.execute("PRAGMA journal_mode=WAL")  # persistent on the file: set once, holds for every process
-    return {"connect_args": {"timeout": SQLITE_BUSY_TIMEOUT_S}}
+    return _sqlite_engine_kwargs()
+
+
+def _check_holds_studies(url: str, engine_kwargs: dict) -> None:
+    engine = sqlalchemy.create_engine(url, **engine_kwargs)
+    try:
+        holds = sqlalchemy.inspect(engine).has_table("studies")
+    finally:
+        engine.dispose()
+    if not holds:
+        raise UsageError(f"--storage: {masked(url)} holds no Optuna studies (it has no 'studies' table); check "
+                         "--storage, or run `python -m search.run` first")
 
 
 # Set while one of Optuna's read-only storage methods runs in this thread: its transaction begins deferred.
@@ -189,18 +204,23 @@ def open_storage(
     heartbeat_interval: int | None = 60,
     grace_period: int | None = None,
     max_retry: int = 3,
+    existing: bool = False,
 ) -> optuna.storages.RDBStorage:
     """An ``RDBStorage`` on ``url`` with heartbeats and retry of stale trials (same parameters).
 
-    Creates Optuna's tables in an empty database (as Optuna does), never a study. Connection and driver
-    problems become one ``UsageError`` line, with the password masked.
+    Creates Optuna's tables in an empty database (as Optuna does), never a study; ``existing`` (the readers:
+    export, report, dashboard) refuses a database without them instead, and changes nothing in it, so a
+    mistyped ``--storage`` leaves another application's database as it was. Connection and driver problems,
+    and a database of an older Optuna, become one ``UsageError`` line, with the password masked.
     """
     check_heartbeat(heartbeat_interval, grace_period)
     engine_kwargs: dict = {"pool_pre_ping": True}
     heartbeat: dict = {}
     try:
         if url.startswith("sqlite"):
-            engine_kwargs.update(_prepare_sqlite(url))
+            engine_kwargs.update(_sqlite_engine_kwargs() if existing else _prepare_sqlite(url))
+        if existing:
+            _check_holds_studies(url, engine_kwargs)
         with warnings.catch_warnings():
             # Heartbeats and the retry callback are marked experimental; they are what crash recovery is.
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -211,7 +231,10 @@ def open_storage(
                     "heartbeat_stale_trial_callback": RetryWithoutResults(max_retry=max_retry),
                 }
             storage_class = SQLiteStorage if url.startswith("sqlite") else optuna.storages.RDBStorage
-            return storage_class(url, engine_kwargs=engine_kwargs, **heartbeat)
+            return storage_class(url, engine_kwargs=engine_kwargs, skip_table_creation=existing, **heartbeat)
+    except RuntimeError as e:  # Optuna's schema check: the tables are of another Optuna version
+        reason = " ".join(str(e).split())
+        raise UsageError(f"--storage: {masked(url)}: {redact(reason, url_secrets(url))}") from None
     except (sqlalchemy.exc.SQLAlchemyError, optuna.exceptions.StorageInternalError, ModuleNotFoundError,
             ImportError, ValueError, OSError, sqlite3.Error) as e:
         reason = " ".join(str(getattr(e, "orig", None) or e).split())[:300]

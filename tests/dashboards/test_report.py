@@ -80,12 +80,14 @@ def test_write_report_ablation_compares_with_paper(tmp_path: Path, file_name: st
     assert "We agree with the paper on" in text
 
 
-def test_report_cli_refuses_a_file_as_out(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("out", "expected"), [("file", "is a file; give a directory"),
+                                             ("file/report", "is below")])
+def test_report_cli_refuses_a_file_as_out(tmp_path: Path, out: str, expected: str) -> None:
     url = f"sqlite:///{tmp_path / 's.db'}"
     per_stage_study(url)
     (tmp_path / "file").write_text("x")
-    result = run_cli("dashboards.report", "--study", "se_placement", "--storage", url, "--out", str(tmp_path / "file"))
-    assert result.returncode == 2 and "not a directory" in result.stderr
+    result = run_cli("dashboards.report", "--study", "se_placement", "--storage", url, "--out", str(tmp_path / out))
+    assert result.returncode == 2 and expected in result.stderr, result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
 
 

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
+import optuna
 import pandas as pd
 import pytest
 
 from dashboards.results import choice_effects, load_results, non_dominated, se_label
+from search.pareto import CONSTRAINTS_ATTR, constraints_of, hypervolume
 from tests.dashboards.synthetic import ablation_study, per_stage_study
 
 
@@ -66,3 +69,58 @@ def test_choice_effects_ignore_ratio_of_stages_without_se() -> None:
         assert counted == (done[f"stage{stage}_placement"] != "none").sum()
     single = effects[effects.n == 1]
     assert single.ci_low.isna().all()
+
+
+def _study_of(storage: str, objectives: list[str], rows: list[dict], max_flops: int | None = None) -> optuna.Study:
+    """A study of ``objectives`` holding one completed trial per row (``val_accuracy``, ``flops``,
+    ``params``), each with the constraint value a ``max_flops`` budget gives it, as a worker stores it."""
+    directions = ["maximize"] + ["minimize"] * (len(objectives) - 1)
+    study = optuna.create_study(storage=storage, directions=directions,
+                                sampler=optuna.samplers.TPESampler(seed=0, constraints_func=constraints_of))
+    study.set_user_attr("objectives", objectives)
+    study.set_user_attr("reference_costs", {"flops": 4e6, "params": 2e5})
+    for row in rows:
+        trial = study.ask()
+        trial.suggest_categorical("stage1.placement", ["none", "standard"])
+        attrs = {**row, "macs": row["flops"] // 2, "placements": ["standard"], "reductions": [16], "poolings": ["avg"]}
+        if max_flops is not None:
+            attrs[CONSTRAINTS_ATTR] = [row["flops"] - max_flops]
+        for key, value in attrs.items():
+            trial.set_user_attr(key, value)
+        study.tell(trial, [float(row[o]) for o in objectives])
+    return study
+
+
+@pytest.mark.parametrize("objectives", [["val_accuracy", "flops"], ["val_accuracy"]])
+def test_over_budget_trials_stay_off_the_front_the_best_and_the_hypervolume(tmp_path: Path,
+                                                                              objectives: list[str]) -> None:
+    """A budget (``constraints: {max_flops: ...}``) makes a trial over it infeasible: it holds the best
+    accuracy here but is on no front, is no study's best, and adds no hypervolume (README: the front holds
+    feasible trials only)."""
+    rows = [{"val_accuracy": 0.80, "flops": 1_000_000, "params": 1000},
+            {"val_accuracy": 0.95, "flops": 3_000_000, "params": 1000}]
+    study = _study_of(f"sqlite:///{tmp_path / 'budget.db'}", objectives, rows, max_flops=2_000_000)
+    results = load_results(study)
+    assert results.trials.feasible.tolist() == [True, False]
+    assert results.front.number.tolist() == [0]
+    assert results.feasible.number.tolist() == [0]
+    if len(objectives) > 1:
+        trials = study.get_trials()
+        assert [t.number for t in study.best_trials] == [0]  # Optuna's own front agrees
+        assert hypervolume(trials, objectives, {"flops": 4e6}) == pytest.approx(0.80 * (1 - 1 / 4))
+        assert results.history.value.iloc[-1] == pytest.approx(0.80 * (1 - 1 / 4))
+    else:
+        assert study.best_trial.number == 0
+        assert results.history.value.tolist() == [0.80, 0.80]
+
+
+def test_front_of_a_three_objective_study_is_non_dominated_in_accuracy_and_flops() -> None:
+    """With (accuracy, FLOPs, params), a trial that saves params is on the study's front though another
+    beats it on accuracy and FLOPs; the accuracy-FLOPs figure and table leave it out."""
+    rows = [{"val_accuracy": 0.90, "flops": 1_000_000, "params": 100_000},
+            {"val_accuracy": 0.85, "flops": 2_000_000, "params": 50_000}]
+    study = _study_of(None, ["val_accuracy", "flops", "params"], rows)
+    assert len(study.best_trials) == 2
+    results = load_results(study)
+    assert results.cost == "flops"
+    assert results.front.number.tolist() == [0]

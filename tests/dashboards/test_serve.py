@@ -20,7 +20,7 @@ from optuna_dashboard._custom_plot_data import get_plotly_graph_objects
 from dashboards.plots import GRAPH_IDS
 from dashboards.serve import refresh_studies
 from search.export import open_existing_storage
-from tests.dashboards.server import Dashboard, start_dashboard
+from tests.dashboards.server import Dashboard, free_port, start_dashboard
 from tests.dashboards.synthetic import per_stage_study
 from tests.engine_run import EngineRun
 from tests.search.helpers import run_cli
@@ -100,6 +100,16 @@ def test_refresh_keeps_its_studies_and_still_sees_new_trials(tmp_path: Path) -> 
 
 def _published(study: optuna.Study) -> dict[str, str]:
     return get_plotly_graph_objects(study._storage.get_study_system_attrs(study._study_id))
+
+
+def test_serve_artifact_dir_that_is_a_file_is_one_line_exit_2(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'studies.db'}"
+    per_stage_study(url)
+    (tmp_path / "artifacts").write_text("x")
+    result = run_cli("dashboards.serve", "--storage", url, "--port", str(free_port()), "--artifact-dir",
+                     str(tmp_path / "artifacts"), timeout=120)
+    assert result.returncode == 2 and "--artifact-dir:" in result.stderr and "is a file" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
 
 
 def test_serve_missing_storage_is_refused(tmp_path: Path) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import sqlite3
 import time
 from pathlib import Path
 
@@ -25,7 +26,7 @@ from tests.search.helpers import run_cli
 DOCUMENTED = ["number", "state", "stage1_placement", "stage1_reduction", "stage1_pooling", "stage2_placement",
               "stage2_reduction", "stage2_pooling", "stage3_placement", "stage3_reduction", "stage3_pooling",
               "val_accuracy", "test_accuracy", "macs", "flops", "params", "epochs_run", "duration_s", "train_s",
-              "seed", "pareto", "val_accuracy_curve", "fail_reason", "datetime_start", "datetime_complete"]
+              "seed", "feasible", "pareto", "val_accuracy_curve", "fail_reason", "datetime_start", "datetime_complete"]
 
 
 @pytest.fixture()
@@ -146,10 +147,13 @@ def test_export_cli_stdout_csv_with_states(storage_url: str) -> None:
     (["--out", "-", "--states", "done"], "unknown state 'done'"),
     (["--out", "-", "--study", "nope"], "no study named 'nope'"),
     (["--out", "/no/such/dir/x.csv"], "does not exist"),
+    (["--out", "TMP/a-folder.csv"], "is a directory; give a file name in it"),
 ])
-def test_export_cli_bad_input_is_one_line_exit_2(storage_url: str, args: list[str], message: str) -> None:
+def test_export_cli_bad_input_is_one_line_exit_2(tmp_path: Path, storage_url: str, args: list[str],
+                                                 message: str) -> None:
     _store_study(storage_url)
-    argv = ["--study", "se_placement", "--storage", storage_url, *args]
+    (tmp_path / "a-folder.csv").mkdir()
+    argv = ["--study", "se_placement", "--storage", storage_url, *(a.replace("TMP", str(tmp_path)) for a in args)]
     result = run_cli("search.export", *argv)
     assert result.returncode == 2
     assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
@@ -160,6 +164,36 @@ def test_export_cli_missing_sqlite_file_is_refused_without_creating_it(tmp_path:
     result = run_cli("search.export", "--study", "x", "--storage", f"sqlite:///{db}", "--out", "-")
     assert result.returncode == 2 and "no study database" in result.stderr
     assert not db.exists()
+
+
+def _tables_and_journal(db: Path) -> tuple[list[str], str]:
+    with sqlite3.connect(db) as conn:
+        tables = sorted(r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'"))
+        return tables, conn.execute("PRAGMA journal_mode").fetchone()[0]
+
+
+def test_export_cli_leaves_a_database_without_studies_as_it_was(tmp_path: Path) -> None:
+    """A ``--storage`` typo naming another application's SQLite file: refused, and the file keeps its tables
+    and journal mode (opening it as Optuna does would add Optuna's tables and switch it to WAL)."""
+    db = tmp_path / "other.db"
+    with sqlite3.connect(db) as conn:
+        conn.execute("CREATE TABLE results (x)")
+    before = _tables_and_journal(db)
+    result = run_cli("search.export", "--study", "x", "--storage", f"sqlite:///{db}", "--out", "-")
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "holds no Optuna studies" in result.stderr
+    assert _tables_and_journal(db) == before == (["results"], "delete")
+
+
+def test_export_cli_database_of_another_optuna_schema_is_one_line(tmp_path: Path, storage_url: str) -> None:
+    """A study database whose schema is not this Optuna's (Optuna's RuntimeError) gets one line that keeps
+    Optuna's upgrade command, not a traceback."""
+    _store_study(storage_url)
+    with sqlite3.connect(tmp_path / "studies.db") as conn:
+        conn.execute("UPDATE alembic_version SET version_num = 'v3.0.0.d'")
+    result = run_cli("search.export", "--study", "se_placement", "--storage", storage_url, "--out", "-")
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "optuna storage upgrade" in result.stderr
 
 
 # --- against the real engine ----------------------------------------------------------------------------

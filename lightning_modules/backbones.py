@@ -19,6 +19,7 @@ Presets:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -167,8 +168,9 @@ def build_arch(
         if value is not None:
             changes[field] = value
     if width_multiplier != 1.0:
-        if width_multiplier <= 0:
-            raise ConfigError(f"width_multiplier: must be a number > 0, got {width_multiplier!r}")
+        # isfinite: NaN passes a "<= 0" test, and NaN or infinity would fail in round() with a traceback.
+        if not (math.isfinite(width_multiplier) and width_multiplier > 0):
+            raise ConfigError(f"width_multiplier: must be a finite number > 0, got {width_multiplier!r}")
         changes["widths"] = tuple(max(1, round(w * width_multiplier)) for w in cfg.widths)
         changes["stem_width"] = max(1, round(cfg.stem_width * width_multiplier))
     return cfg.replace(**changes).with_se(placement, reduction, pooling)

@@ -61,17 +61,18 @@ class TrainingRecipe:
             raise ConfigError(f"freeze_bn_scale: must be true or false, got {self.freeze_bn_scale!r}")
         if self.schedule not in SCHEDULES:
             raise ConfigError(f"schedule: unknown value {self.schedule!r}; allowed: {', '.join(SCHEDULES)}")
+        # name -> (valid?, the rule in words for the message)
         checks = {
-            "lr": self.lr > 0,
-            "momentum": 0 <= self.momentum < 1,
-            "weight_decay": self.weight_decay >= 0,
-            "label_smoothing": 0 <= self.label_smoothing < 1,
-            "warmup_fraction": 0 < self.warmup_fraction < 1,
-            "bn_bias_lr_scale": self.bn_bias_lr_scale > 0,
+            "lr": (self.lr > 0, "> 0"),
+            "momentum": (0 <= self.momentum < 1, "in [0, 1)"),
+            "weight_decay": (self.weight_decay >= 0, ">= 0"),
+            "label_smoothing": (0 <= self.label_smoothing < 1, "in [0, 1)"),
+            "warmup_fraction": (0 < self.warmup_fraction < 1, "in (0, 1)"),
+            "bn_bias_lr_scale": (self.bn_bias_lr_scale > 0, "> 0"),
         }
-        for name, ok in checks.items():
+        for name, (ok, rule) in checks.items():
             if not ok or not math.isfinite(getattr(self, name)):
-                raise ConfigError(f"{name}: value {getattr(self, name)!r} is out of range")
+                raise ConfigError(f"{name}: value {getattr(self, name)!r} is out of range; give a finite number {rule}")
 
     def replace(self, **changes: Any) -> TrainingRecipe:
         return dataclasses.replace(self, **changes)

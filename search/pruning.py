@@ -52,10 +52,22 @@ PRUNERS.register("threshold")(optuna.pruners.ThresholdPruner)
 SINGLE_OBJECTIVE_ONLY = frozenset({"hyperband"})
 
 
-def make_pruner(name: str, options: Mapping[str, Any]) -> optuna.pruners.BasePruner:
+def make_pruner(name: str, options: Mapping[str, Any], *, multi_objective: bool = False) -> optuna.pruners.BasePruner:
+    """The Optuna pruner ``name`` with ``options``; ``multi_objective``: also refuse what the shadow study of
+    ``MultiObjectivePruner`` cannot run. Every rule on a study's pruner settings is here, so checking a study
+    (``create_or_load_study``) and running its trials (the workers) cannot disagree."""
+    if multi_objective and name in SINGLE_OBJECTIVE_ONLY:
+        raise ValueError(
+            f"pruner.name: {name!r} works for single-objective studies only; for multi-objective "
+            f"studies use one of: {', '.join(n for n in PRUNERS.names() if n not in SINGLE_OBJECTIVE_ONLY)}"
+        )
     try:
-        return PRUNERS.get(name)(**dict(options))
-    except TypeError as e:
+        factory = PRUNERS.get(name)
+    except ValueError as e:
+        raise ValueError(f"pruner.name: {e}") from None
+    try:
+        return factory(**dict(options))
+    except (TypeError, ValueError) as e:  # an unknown option, or a value Optuna refuses (n_startup_trials: -1)
         raise ValueError(f"pruner.options: {e}") from None
 
 
@@ -128,13 +140,9 @@ class MultiObjectivePruner:
     """Prunes a multi-objective trial on its validation-accuracy curve (see module docstring)."""
 
     def __init__(self, name: str, options: Mapping[str, Any], pareto_aware: bool) -> None:
-        if name in SINGLE_OBJECTIVE_ONLY:
-            raise ValueError(
-                f"pruner: {name!r} works for single-objective studies only; for multi-objective "
-                f"studies use one of: {', '.join(n for n in PRUNERS.names() if n not in SINGLE_OBJECTIVE_ONLY)}"
-            )
         self.name, self.options, self.pareto_aware = name, dict(options), pareto_aware
-        self._decision_steps = _decision_steps(make_pruner(name, options))  # also validates the options now
+        # Also validates the settings now, not at the first decision.
+        self._decision_steps = _decision_steps(make_pruner(name, options, multi_objective=True))
 
     def reads_trials_at(self, step: int) -> bool:
         """Whether a decision at ``step`` reads the finished trials (the pruner can compare there)."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import re
 import types
 import typing
@@ -60,6 +61,9 @@ class FloatRange:
     log: bool = False
 
     def __post_init__(self) -> None:
+        for name in ("low", "high"):  # Optuna cannot sample up to infinity, and NaN compares false to anything
+            if not math.isfinite(getattr(self, name)):
+                raise ConfigError(f"{name}: must be a finite number, got {getattr(self, name)!r}")
         if not self.low < self.high:
             raise ConfigError(f"low must be below high, got low={self.low}, high={self.high}")
         if self.log and self.low <= 0:
@@ -94,6 +98,9 @@ class SearchSpace:
                     raise ConfigError(f"{name}: unknown value {v!r}; allowed: {', '.join(registry.names())}")
         if not self.reduction or any(not isinstance(r, int) or isinstance(r, bool) or r < 1 for r in self.reduction):
             raise ConfigError(f"reduction: choices must be integers >= 1, got {list(self.reduction)}")
+        for name in ("width_multiplier", "label_smoothing"):  # NaN slips past range checks: every test is false
+            if any(not math.isfinite(v) for v in getattr(self, name) or ()):
+                raise ConfigError(f"{name}: choices must be finite numbers, got {list(getattr(self, name))}")
         if not self.width_multiplier or any(w <= 0 for w in self.width_multiplier):
             raise ConfigError(f"width_multiplier: choices must be > 0, got {list(self.width_multiplier)}")
         for name in ("placement", "reduction", "pooling", "width_multiplier", "label_smoothing"):
@@ -173,6 +180,23 @@ class StudyConfig:
             raise ConfigError(f"objectives: duplicates in {list(self.objectives)}")
         if not isinstance(self.trials, int) or self.trials < 1:
             raise ConfigError(f"trials: must be an integer >= 1, got {self.trials!r}")
+        self._check_training_ranges()
+
+    def _check_training_ranges(self) -> None:
+        """Every value ``search_space`` may give a training hyperparameter must make a valid recipe, or each
+        trial would fail when it builds one. A range's endpoints suffice: the recipe's bounds are intervals."""
+        recipe_fields = {f.name for f in dataclasses.fields(TrainingRecipe)}
+        for f in dataclasses.fields(SearchSpace):
+            searched = getattr(self.search_space, f.name)
+            if f.name not in recipe_fields or searched is None:
+                continue
+            values = (searched.low, searched.high) if isinstance(searched, FloatRange) else searched
+            for value in values:
+                try:
+                    self.training.replace(**{f.name: value})
+                except ConfigError as e:
+                    detail = str(e).removeprefix(f"{f.name}: ")
+                    raise ConfigError(f"search_space.{f.name}: {detail}") from None
 
     @property
     def multi_objective(self) -> bool:

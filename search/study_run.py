@@ -38,6 +38,7 @@ from search.study_store import (
     default_study_name,
     flags_for_definition,
     load_existing_study,
+    make_sampler_and_pruner,
 )
 from search.worker import FAIL_REASON_ATTR, THREADS_ATTR, WorkerSpec
 
@@ -248,6 +249,8 @@ def run(args: argparse.Namespace, cfg: StudyConfig, overrides: dict[str, object]
         check_definition(existing_study, cfg, lambda: _remedy(
             existing_study, args, overrides, "", "give another --study-name, or restore the study file"
         ) if args.study_name else "give another --study-name, or restore the study file")
+    num_stages = BACKBONES.get(cfg.backbone)().num_stages
+    make_sampler_and_pruner(cfg, num_stages)  # their settings too, before the data
     dm = prepare_datamodule(cfg)  # fails on missing data before the study is touched; fills the cache
     shape = {"num_classes": dm.num_classes, "in_channels": dm.in_channels, "image_size": dm.image_size}
     del dm
@@ -256,7 +259,7 @@ def run(args: argparse.Namespace, cfg: StudyConfig, overrides: dict[str, object]
         storage,
         name,
         cfg,
-        BACKBONES.get(cfg.backbone)().num_stages,
+        num_stages,
         {"reference_costs": reference_costs(cfg, **shape), "data_shape": shape},
     )
     existing = study.get_trials(deepcopy=False)  # read once: the resume line and the workers' sampler seeds

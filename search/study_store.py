@@ -30,6 +30,7 @@ __all__ = [
     "flags_for_definition",
     "git_revision",
     "load_existing_study",
+    "make_sampler_and_pruner",
     "make_sampler_for",
     "provenance",
 ]
@@ -88,6 +89,22 @@ def make_sampler_for(cfg: StudyConfig, num_stages: int) -> optuna.samplers.BaseS
         )
     except ValueError as e:
         raise UsageError(f"study {cfg.name!r}: {e}") from None
+
+
+def make_sampler_and_pruner(
+    cfg: StudyConfig, num_stages: int
+) -> tuple[optuna.samplers.BaseSampler, optuna.pruners.BasePruner | None]:
+    """The study's sampler and pruner (None for a multi-objective study), or a ``UsageError`` naming the
+    setting that is wrong. ``search.run`` calls it before preparing the data, so a typo costs no cache build.
+
+    A multi-objective study's pruner runs in its workers (``MultiObjectivePruner``), so the study holds none;
+    its settings are checked all the same, or every worker would die on them after the study is stored."""
+    sampler = make_sampler_for(cfg, num_stages)
+    try:
+        pruner = make_pruner(cfg.pruner.name, cfg.pruner.options, multi_objective=cfg.multi_objective)
+    except ValueError as e:
+        raise UsageError(f"study {cfg.name!r}: {e}") from None
+    return sampler, None if cfg.multi_objective else pruner
 
 
 def check_definition(
@@ -157,11 +174,7 @@ def create_or_load_study(
     extra_attrs: dict[str, object] | None = None,
 ) -> optuna.Study:
     """Load ``name`` if it exists (refusing a changed definition) or create it with its provenance."""
-    sampler = make_sampler_for(cfg, num_stages)
-    try:
-        pruner = make_pruner(cfg.pruner.name, cfg.pruner.options) if not cfg.multi_objective else None
-    except ValueError as e:
-        raise UsageError(f"study {cfg.name!r}: {e}") from None
+    sampler, pruner = make_sampler_and_pruner(cfg, num_stages)
     existing = load_existing_study(storage, name)
     if existing is not None:
         check_definition(existing, cfg)

@@ -49,6 +49,9 @@ def _arg(tmp_path: Path, arg: str, study: Path) -> str:
     return str(tmp_path / "empty") if arg == "EMPTY" else arg
 
 
+# A study file on 8x8 digits (no download), for mistakes that would otherwise reach the study's creation.
+DIGITS_FILE = "FILE:backbone: resnet20\ndata: {dataset: digits, image_size: 8}\ntrials: 2\n"
+
 BAD_INPUT = [
         (["--study", "no_such_study"], "unknown study 'no_such_study'"),
         (["--study", "QUICK", "--trials", "0"], "--trials: must be >= 1"),
@@ -99,6 +102,25 @@ BAD_INPUT = [
         (["--study", "QUICK", "--storage", "postgresql+nosuchdriver://u:s3cret@127.0.0.1/x"], "--storage: cannot open"),
         (["--study", "QUICK", "--storage", "sqlite://"], "an in-memory SQLite database cannot be shared"),
         (["--study", "QUICK", "--rerun-trial", "0"], "--study: no study named 'quick'"),
+        # Searched training values outside the recipe's bounds, NaN and infinity: refused when the file loads.
+        (["--study", DIGITS_FILE + "search_space: {lr: {low: -0.5, high: -0.1}}\n"],
+         "search_space.lr: value -0.5 is out of range; give a finite number > 0"),
+        (["--study", DIGITS_FILE + "search_space: {label_smoothing: [1.0, 2.0]}\n"],
+         "search_space.label_smoothing: value 1.0 is out of range"),
+        (["--study", DIGITS_FILE + "search_space: {width_multiplier: [.nan, 1.0]}\n"],
+         "search_space.width_multiplier: choices must be finite numbers"),
+        (["--study", DIGITS_FILE + "search_space: {lr: {low: 0.1, high: .inf}}\n"],
+         "search_space.lr.high: must be a finite number, got inf"),
+        # A multi-objective study's pruner runs in its workers, but is checked before the study is stored.
+        (["--study", DIGITS_FILE + "search_space: {}\nobjectives: [val_accuracy, flops]\npruner: {name: hyperband}\n"],
+         "pruner.name: 'hyperband' works for single-objective studies only"),
+        (["--study", DIGITS_FILE + "search_space: {}\nobjectives: [val_accuracy, flops]\n"
+                                  "pruner: {name: median, options: {no_such_option: 1}}\n"],
+         "pruner.options: MedianPruner.__init__() got an unexpected keyword argument 'no_such_option'"),
+        # ... and before the data is prepared (a first CIFAR cache takes minutes): here the data is missing.
+        (["--study", "FILE:backbone: resnet20\nsearch_space: {}\nobjectives: [val_accuracy, flops]\n"
+                   "pruner: {name: hyperband}\n", "--dataset", "imagefolder", "--data-dir", "EMPTY"],
+         "pruner.name: 'hyperband' works for single-objective studies only"),
     ]
 
 # The cases also run as a whole ``python -m search.run`` process: a bad flag (argparse), a bad study file, an

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import optuna
 import pytest
 
+from lightning_modules import ConfigError, build_arch
 from search.errors import UsageError
 from search.space import grid_search_space, suggest
 from search.study_config import STUDIES_DIR, StudyConfig, find_study_file, load_study
@@ -64,6 +66,36 @@ search_space: {placement: [none, standard]}
         (BASE + "objectives: [val_accuracy, speed]\n", "objectives: unknown value 'speed'"),
         (BASE + "data: {datset: cifar10}\n", "data: unknown key 'datset'"),
         ("backbone: [unclosed\n", "cannot parse the study file"),
+        # Searched training values are checked against the recipe at load, not by every trial failing.
+        (
+            "backbone: resnet20\nsearch_space: {lr: {low: -0.5, high: -0.1}}\n",
+            "search_space.lr: value -0.5 is out of range; give a finite number > 0",
+        ),
+        (
+            "backbone: resnet20\nsearch_space: {weight_decay: {low: -1, high: 0}}\n",
+            "search_space.weight_decay: value -1.0 is out of range; give a finite number >= 0",
+        ),
+        (
+            "backbone: resnet20\nsearch_space: {label_smoothing: [0.0, 1.0]}\n",
+            "search_space.label_smoothing: value 1.0 is out of range; give a finite number in [0, 1)",
+        ),
+        # NaN and infinity: every comparison with NaN is false, and Optuna cannot sample up to infinity.
+        (
+            "backbone: resnet20\nsearch_space: {lr: {low: 0.1, high: .inf}}\n",
+            "search_space.lr.high: must be a finite number, got inf",
+        ),
+        (
+            "backbone: resnet20\nsearch_space: {width_multiplier: [.nan, 1.0]}\n",
+            "search_space.width_multiplier: choices must be finite numbers, got [nan, 1.0]",
+        ),
+        (
+            "backbone: resnet20\nsearch_space: {width_multiplier: [.inf]}\n",
+            "search_space.width_multiplier: choices must be finite numbers, got [inf]",
+        ),
+        (
+            "backbone: resnet20\nsearch_space: {label_smoothing: [.nan]}\n",
+            "search_space.label_smoothing: choices must be finite numbers, got [nan]",
+        ),
         ("- just\n- a list\n", "a study file must be a mapping"),
     ],
 )
@@ -74,6 +106,32 @@ def test_study_config_bad_file_names_file_and_key(tmp_path: Path, text: str, exp
     message = str(info.value)
     assert path in message and expected in message
     assert "\n" not in message
+
+
+@pytest.mark.parametrize("width", [float("nan"), float("inf"), -1.0])
+def test_build_arch_refuses_a_width_multiplier_that_is_not_a_finite_positive_number(width: float) -> None:
+    with pytest.raises(ConfigError, match="width_multiplier: must be a finite number > 0"):
+        build_arch("resnet20", width_multiplier=width)
+
+
+@pytest.mark.parametrize(
+    ("pruner", "expected"),
+    [
+        ("{name: hyperband}", "pruner.name: 'hyperband' works for single-objective studies only"),
+        ("{name: median, options: {no_such_option: 1}}", "pruner.options: "),
+        ("{name: median, options: {n_startup_trials: -1}}", "pruner.options: "),
+        ("{name: sometimes}", "pruner.name: unknown pruner 'sometimes'; allowed: none, median"),
+    ],
+)
+def test_multi_objective_pruner_is_checked_before_the_study_is_stored(tmp_path: Path, pruner: str,
+                                                                      expected: str) -> None:
+    """Multi-objective studies prune in their workers; bad pruner settings must not store a study whose every
+    worker then dies on them."""
+    cfg = load_study(_write(tmp_path, BASE + f"objectives: [val_accuracy, flops]\npruner: {pruner}\n"))
+    storage = optuna.storages.InMemoryStorage()
+    with pytest.raises(UsageError, match=re.escape(expected)):
+        create_or_load_study(storage, "mo", cfg, 3)
+    assert storage.get_all_studies() == []
 
 
 def test_study_config_unknown_study_lists_known_ones() -> None:

@@ -11,12 +11,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import optuna
+import torch
 
 from lightning_modules import ArchConfig, build_arch
+from lightning_modules.backbones import build_network
 from lightning_modules.recipe import TrainingRecipe
+from lightning_modules.se import SEBlock
 from search.study_config import SearchSpace, StudyConfig
 
-__all__ = ["TrialDesign", "grid_search_space", "stage_choices", "suggest"]
+__all__ = ["TrialDesign", "grid_search_space", "one_pixel_se_stages", "stage_choices", "suggest"]
 
 
 @dataclass(frozen=True)
@@ -69,6 +72,28 @@ def suggest(
     if space.label_smoothing is not None:
         changes["label_smoothing"] = float(_pick(trial, "label_smoothing", space.label_smoothing))
     return TrialDesign(arch, recipe.replace(**changes) if changes else recipe)
+
+
+def one_pixel_se_stages(cfg: StudyConfig, *, num_classes: int, in_channels: int, image_size: int) -> list[int]:
+    """The stages (1-based) whose SE blocks, placed as ``standard``, squeeze a 1x1 feature map at this image
+    size. There the squeeze has nothing to pool: ``avg`` and ``max`` are the same network, ``gem`` nearly
+    so, and ``std`` gives a constant gate, so searching poolings there stores near-duplicates under
+    different names (fastnet_whiten's stage 3 on 8x8 digits). ``search.run`` warns about them."""
+    base = build_arch(cfg.backbone, num_classes=num_classes, in_channels=in_channels, image_size=image_size,
+                      width_multiplier=min(cfg.search_space.width_multiplier))
+    stages = base.num_stages
+    net = build_network(base.with_se(["standard"] * stages, [16] * stages, ["avg"] * stages))
+    sizes: dict[int, set[tuple[int, int]]] = {}
+
+    def record(stage: int) -> object:
+        return lambda module, inputs, output: sizes.setdefault(stage, set()).add(tuple(inputs[0].shape[2:]))
+
+    for name, module in net.named_modules():
+        if isinstance(module, SEBlock):  # named stages.<i>.<block>.se
+            module.register_forward_hook(record(int(name.split(".")[1]) + 1))
+    with torch.no_grad():
+        net.eval()(torch.zeros(1, in_channels, image_size, image_size))
+    return sorted(stage for stage, shapes in sizes.items() if shapes == {(1, 1)})
 
 
 def grid_search_space(cfg: StudyConfig, num_stages: int) -> dict[str, list]:

@@ -30,6 +30,7 @@ from search.devices import Slot, pin_threads, plan_slots
 from search.errors import UsageError
 from search.objective import Devices, TrialRunner, trial_seed
 from search.pareto import front_table, hypervolume, pareto_front, reference_costs
+from search.space import one_pixel_se_stages
 from search.storage import STORAGE_ENV, masked, open_storage, resolve_storage_url, resolve_study_name, runs_dir
 from search.study_config import StudyConfig
 from search.study_store import (
@@ -179,6 +180,18 @@ def _summary(study: optuna.Study) -> None:
         )
 
 
+def _warn_one_pixel_poolings(cfg: StudyConfig, shape: dict[str, int]) -> None:
+    """Say so when the study searches squeeze poolings in stages where they barely differ (1x1 maps)."""
+    if len(cfg.search_space.pooling) < 2:
+        return
+    stages = one_pixel_se_stages(cfg, **shape)
+    if stages:
+        print(f"warning: at image size {shape['image_size']}, the SE blocks of stage(s) "
+              f"{', '.join(map(str, stages))} squeeze 1x1 feature maps, where the searched poolings barely differ "
+              "(avg = max, gem ~ avg, std gives a constant gate): trials there differ in name more than in "
+              "network; a larger data.image_size avoids it", file=sys.stderr, flush=True)
+
+
 def _remedy(study: optuna.Study, args: argparse.Namespace, overrides: dict[str, object], prefix: str,
             otherwise: str) -> str:
     """What to do about ``study``'s other definition: add the flags it was run with, if some do."""
@@ -255,6 +268,7 @@ def run(args: argparse.Namespace, cfg: StudyConfig, overrides: dict[str, object]
     shape = {"num_classes": dm.num_classes, "in_channels": dm.in_channels, "image_size": dm.image_size}
     del dm
     gc.collect()
+    _warn_one_pixel_poolings(cfg, shape)
     study = create_or_load_study(
         storage,
         name,

@@ -29,6 +29,16 @@ def _run(tmp_path: Path, study: Path, *extra: str, env: dict[str, str] | None = 
                    str(tmp_path / "runs"), "--poll", "0.2", *extra, env=env)
 
 
+def test_run_warns_where_searched_poolings_squeeze_one_pixel(tmp_path: Path) -> None:
+    """The README's first command: fastnet_whiten's stage 3 sees 1x1 maps on 8x8 digits, where the searched
+    poolings are (nearly) one network; the run says so once, and runs."""
+    result = run_cli("search.run", "--study", "se_placement", "--dataset", "digits", "--trials", "1", "--epochs",
+                     "1", "--storage", _storage(tmp_path), "--runs-dir", str(tmp_path / "runs"), "--poll", "0.2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "at image size 8, the SE blocks of stage(s) 3 squeeze 1x1" in warnings[0]
+
+
 def _rerun_val(stdout: str) -> float:
     """The rerun's validation accuracy from ``--rerun-trial``'s report (``rerun:  val 0.123456  test ...``)."""
     return float(stdout.split("rerun:")[1].split()[1])
@@ -62,6 +72,7 @@ def test_run_digits_study_completes_and_prints_front(tmp_path: Path) -> None:
     assert attrs["versions"]["optuna"] == optuna.__version__
     assert attrs["definition_hash"] and attrs["git_revision"]
     assert study.metric_names == ["val_accuracy", "flops"]
+    assert "warning:" not in result.stderr  # resnet20's last stage is 2x2 on 8x8 digits: poolings differ
     # The worker's log says which trial started, not Lightning's banners and warnings once per trial.
     log = (tmp_path / "runs" / "logs" / "quick" / "worker-0.log").read_text()
     assert log.count("trial 2 started") == 1

@@ -7,10 +7,12 @@ from pathlib import Path
 
 import optuna
 import pytest
+import torch
 
 from lightning_modules import ConfigError, build_arch
+from lightning_modules.se import SEBlock
 from search.errors import UsageError
-from search.space import grid_search_space, suggest
+from search.space import grid_search_space, one_pixel_se_stages, suggest
 from search.study_config import STUDIES_DIR, StudyConfig, find_study_file, load_study
 from search.study_store import create_or_load_study, flags_for_definition
 
@@ -262,3 +264,19 @@ def test_flags_for_definition_none_when_the_file_itself_changed(tmp_path: Path) 
     assert flags_for_definition(study, str(edited), {}) == "--epochs 3"  # the trial count is not the definition
     edited.write_text(find_study_file("se_placement").read_text().replace("reduction: [", "reduction: [2, "))
     assert flags_for_definition(study, str(edited), {}) is None
+
+
+def test_one_pixel_se_stages_are_where_poolings_are_one_network() -> None:
+    """fastnet_whiten's stage 3 squeezes 1x1 maps on 8x8 digits (not on 32x32 CIFAR), and there ``avg`` and
+    ``max`` give the same block: the reason ``search.run`` warns about searching poolings there."""
+    digits = load_study("se_placement", dataset="digits")
+    assert one_pixel_se_stages(digits, num_classes=10, in_channels=1, image_size=8) == [3]
+    assert one_pixel_se_stages(load_study("se_placement"), num_classes=10, in_channels=3, image_size=32) == []
+    assert one_pixel_se_stages(load_study("ablation_pooling"), num_classes=10, in_channels=1, image_size=8) == []
+    torch.manual_seed(0)
+    avg, peak = SEBlock(64, 4, "avg"), SEBlock(64, 4, "max")
+    peak.load_state_dict(avg.state_dict())
+    z = torch.randn(2, 64, 1, 1)
+    assert torch.equal(avg(z), peak(z))
+    z = torch.randn(2, 64, 2, 2)
+    assert not torch.allclose(avg(z), peak(z))

@@ -13,7 +13,8 @@ Convention (DESIGN.md, "Cost accounting"), per forward pass of ONE image of ``cf
   convention behind the published ResNet figures (the SE paper's 3.86 GFLOPs for ResNet-50 are multiply-adds
   of convolutions and the classifier).
 
-FLOPs are reported as 2 x MACs. Parameters are trainable tensors (batch-norm affine included, running
+FLOPs are reported as 2 x MACs. Parameters are the network's learnable tensors (batch-norm affine included, also where
+a recipe freezes the scales, so a network's count does not depend on how it is trained; running
 statistics excluded), so plain ``resnet50`` matches torchvision's 25,557,032 and standard SE-ResNet-50
 (r = 16, avg) the published 28,088,024.
 

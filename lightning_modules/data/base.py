@@ -29,6 +29,7 @@ __all__ = [
     "ArrayDataModule",
     "SourceArrays",
     "channel_stats",
+    "check_fast_path_size",
     "pixel_sums",
     "resize_uint8",
 ]
@@ -111,6 +112,13 @@ def channel_stats(sums: np.ndarray, pixels_per_image: int) -> tuple[tuple[float,
     return tuple(float(m) for m in mean), tuple(float(v) for v in std)
 
 
+def check_fast_path_size(what: str, size: int) -> None:
+    """Refuse an image side above the fast path's maximum, with the same line wherever it is checked."""
+    if size > FAST_PATH_MAX_SIZE:
+        raise DataError(f"{what}: image size {size} is above the fast path's {FAST_PATH_MAX_SIZE}; "
+                        f"pass image_size <= {FAST_PATH_MAX_SIZE}")
+
+
 def resize_uint8(images: np.ndarray, size: int) -> np.ndarray:
     """Bilinear (antialiased when shrinking) resize of uint8 (N, C, H, W) images to ``size`` x ``size``."""
     if images.shape[2] == size and images.shape[3] == size:
@@ -136,10 +144,16 @@ class ArrayDataModule(pl.LightningDataModule):
     name: ClassVar[str] = "array"
     # Horizontal flips in training augmentation; off where a mirrored image is not the same class.
     hflip: ClassVar[bool] = True
+    # Whether every image of the dataset is held on the device (digits, CIFAR): a requested ``image_size``
+    # above FAST_PATH_MAX_SIZE is then refused when the module is built, before anything is downloaded,
+    # read or resized (resizing CIFAR to 224 first took 9 GB and minutes, only to be refused after).
+    device_only: ClassVar[bool] = True
 
     def __init__(self, cfg: DataConfig) -> None:
         super().__init__()
         self.cfg = cfg
+        if self.device_only and cfg.image_size is not None:
+            check_fast_path_size(self.name, cfg.image_size)
         self._data: _Prepared | None = None
         self._device_copy: tuple[torch.device, dict[str, tuple[torch.Tensor, torch.Tensor]]] | None = None
         self.load_count = 0  # how many times the source was actually loaded (tests, diagnostics)
@@ -254,10 +268,9 @@ class ArrayDataModule(pl.LightningDataModule):
         what = self.name
         train_pool = (src.train_images, src.train_labels.astype(np.int64))
         h, w = src.train_images.shape[2:]
-        size = max(h, w)
-        if size > FAST_PATH_MAX_SIZE:
-            raise DataError(f"{what}: image size {size} is above the fast path's {FAST_PATH_MAX_SIZE}; "
-                            f"pass image_size <= {FAST_PATH_MAX_SIZE}")
+        check_fast_path_size(what, max(h, w))
+        if h != w:  # ``image_size`` is one side: the network's cost and the crops assume a square
+            raise DataError(f"{what}: images are {w}x{h}, not square; pass image_size to resize them square")
         pools = {"train": train_pool}
         has_test = src.test_images is not None and src.test_labels is not None
         if has_test:

@@ -12,6 +12,10 @@ simply never read again. An entry is two files:
 Both are written to temporary files and moved into place with ``os.replace`` (atomic), the metadata last:
 an entry counts as present only once its metadata exists, so a reader never sees a half-written cache. A
 lock file makes concurrent workers wait for one decoder instead of all decoding the same images at once.
+
+A damaged entry (a truncated copy, a half-synced file) is ignored and rebuilt. A cache that cannot be
+written (full disk, read-only or missing permissions, the folder being a file) is only a warning: the
+images just decoded are used from memory, and the next process decodes them again.
 """
 
 from __future__ import annotations
@@ -21,12 +25,15 @@ import hashlib
 import os
 import sys
 import tempfile
+import zipfile
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
 
-__all__ = ["load_entry", "load_or_build", "meta_path", "save_entry", "source_key"]
+from lightning_modules.data.config import CACHE_DIR_ENV
+
+__all__ = ["atomic_write", "load_entry", "load_or_build", "meta_path", "save_entry", "source_key", "warn_unwritable"]
 
 Arrays = dict[str, np.ndarray]
 
@@ -44,7 +51,9 @@ def meta_path(images_path: Path) -> Path:
     return images_path.with_name(images_path.stem + ".meta.npz")
 
 
-def _atomic_write(path: Path, write: Callable[[object], None]) -> None:
+def atomic_write(path: Path, write: Callable[[object], None]) -> None:
+    """Write ``path`` through ``write(binary file)`` into a temporary file, fsync it and rename it into place,
+    so a reader sees the old file or the whole new one, never a part (the temporary goes on any error)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -61,9 +70,9 @@ def _atomic_write(path: Path, write: Callable[[object], None]) -> None:
 
 def save_entry(path: Path, images: np.ndarray, meta: Arrays) -> None:
     """Write ``images`` to ``path`` and ``meta`` next to it, each atomically, the metadata last."""
-    _atomic_write(path, lambda f: np.save(f, np.ascontiguousarray(images), allow_pickle=False))
+    atomic_write(path, lambda f: np.save(f, np.ascontiguousarray(images), allow_pickle=False))
     shape = np.array(images.shape, np.int64)
-    _atomic_write(meta_path(path), lambda f: np.savez(f, images_shape=shape, **meta))
+    atomic_write(meta_path(path), lambda f: np.savez(f, images_shape=shape, **meta))
 
 
 def load_entry(path: Path) -> tuple[np.ndarray, Arrays]:
@@ -76,16 +85,31 @@ def load_entry(path: Path) -> tuple[np.ndarray, Arrays]:
     return images, meta
 
 
+def warn_unwritable(path: Path, err: OSError) -> None:
+    """One line on stderr for a cache file that could not be written; the caller carries on without it."""
+    print(f"se-search: warning: cannot write {path.name} in the cache folder {path.parent} "
+          f"({type(err).__name__}: {err}); continuing without it, so every process decodes again; free space "
+          f"there or point {CACHE_DIR_ENV} at a writable folder", file=sys.stderr, flush=True)
+
+
 @contextlib.contextmanager
 def _locked(path: Path) -> Iterator[None]:
-    """An exclusive advisory lock on ``path`` (POSIX ``flock``; no lock where ``fcntl`` is missing)."""
+    """An exclusive advisory lock on ``path`` (POSIX ``flock``; no lock where ``fcntl`` is missing, or where
+    the lock file cannot be created: the entry then cannot be saved either, so there is nothing to guard)."""
     try:
         import fcntl
     except ImportError:  # pragma: no cover - Windows: the atomic replace alone still keeps readers safe
         yield
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+b") as f:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        f = open(path, "a+b")  # noqa: SIM115 - closed by the with below; only the open may fail here
+    except OSError:
+        f = None
+    if f is None:
+        yield
+        return
+    with f:
         fcntl.flock(f, fcntl.LOCK_EX)
         try:
             yield
@@ -98,7 +122,7 @@ def _try_load(path: Path) -> tuple[np.ndarray, Arrays] | None:
         return None
     try:
         return load_entry(path)
-    except (OSError, ValueError, EOFError, KeyError) as err:
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as err:  # truncated .npz: BadZipFile
         print(f"se-search: ignoring unreadable cache {path} ({err}); decoding again", file=sys.stderr)
         return None
 
@@ -116,5 +140,9 @@ def load_or_build(
         if entry is not None:
             return *entry, True
         images, meta = build()
-        save_entry(path, images, meta)
+        try:
+            save_entry(path, images, meta)
+        except OSError as err:
+            # A full disk must not stop a study that can run: the decoded images are all here, in memory.
+            warn_unwritable(path, err)
         return images, meta, False

@@ -5,6 +5,9 @@ read), so it is spread over every CPU this process may use, in chunks of 256 fil
 batches by torchvision's libjpeg-turbo binding (3.5x faster than Pillow per 32x32 image, same pixels);
 everything else, resizing and error reporting go through Pillow. Measured: the 60,000-image CIFAR-10 JPEG
 copy decodes in about 10 s on 2 (shared, busy) cores.
+
+Every path that turns a file into pixels (this one and the DataLoader path's) goes through ``to_rgb``, so
+both see the same pixels, 16-bit greyscale included.
 """
 
 from __future__ import annotations
@@ -32,13 +35,34 @@ except ImportError:  # pragma: no cover - a torchvision without image decoding
 
 from lightning_modules.data.errors import DataError
 
-__all__ = ["MixedSizesError", "available_cpus", "check_images", "decode_images", "probe_size"]
+__all__ = ["available_cpus", "check_images", "decode_images", "probe_size", "to_rgb"]
 
 _CHUNK = 256  # images per task: large enough to amortise IPC, small enough for smooth progress
+# 16-bit greyscale (PNG, TIFF: microscopy, medical, depth images), in every byte order Pillow names.
+_SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
+# 32-bit integer and float greyscale have no fixed 8-bit scale (a 32-bit TIFF may hold 0..1, 0..4095 or
+# counts): scaling each image by its own min and max would give one value different pixels in different
+# images, so these are refused with the fix instead of guessed.
+_UNSCALED_MODES = {"I": "32-bit integer", "F": "32-bit float"}
 
 
-class MixedSizesError(Exception):
-    """Images differ in size and no ``image_size`` was given: the fast path cannot stack them."""
+class UnsupportedModeError(ValueError):
+    """An image whose pixel format has no well-defined 8-bit RGB version (see ``_UNSCALED_MODES``)."""
+
+
+def _check_mode(mode: str) -> None:
+    if mode in _UNSCALED_MODES:
+        raise UnsupportedModeError(f"{_UNSCALED_MODES[mode]} greyscale (mode {mode}) has no fixed 8-bit scale: "
+                                   f"convert it to 8- or 16-bit")
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """``im`` as 8-bit RGB. Pillow's ``convert("RGB")`` clips wider greys at 255, which turned 16-bit images
+    almost all white: 16-bit greys keep their high byte instead (value >> 8, as libpng's strip_16 does)."""
+    _check_mode(im.mode)
+    if im.mode in _SIXTEEN_BIT_MODES:
+        im = Image.fromarray((np.asarray(im) >> 8).astype(np.uint8))  # "L"
+    return im.convert("RGB")
 
 
 def available_cpus() -> int:
@@ -77,33 +101,33 @@ def _decode_jpegs(paths: Sequence[str], positions: list[int]) -> dict[int, torch
 
 
 def _decode_chunk(
-    args: tuple[int, Sequence[str], tuple[int, int], bool],
-) -> tuple[int, np.ndarray, list[tuple[str, str]], bool]:
-    """Decode ``paths`` to RGB at ``size`` (resizing if ``resize``); report unreadable files, mismatches."""
-    start, paths, (w, h), resize = args
+    args: tuple[int, Sequence[str], tuple[int, int]],
+) -> tuple[int, np.ndarray, set[tuple[int, int]], list[tuple[str, str]]]:
+    """Decode ``paths`` to RGB at ``size``, resizing those of another size; also the sizes the files had,
+    and the unreadable files."""
+    start, paths, (w, h) = args
     out = np.zeros((len(paths), 3, h, w), np.uint8)
+    sizes: set[tuple[int, int]] = set()
     errors: list[tuple[str, str]] = []
-    mixed = False
     fast = _decode_jpegs(paths, [i for i, p in enumerate(paths) if p.lower().endswith((".jpg", ".jpeg"))])
     for i, p in enumerate(paths):
         decoded = fast.get(i)
         if decoded is not None and tuple(decoded.shape[1:]) == (h, w):
             out[i] = decoded.numpy()
+            sizes.add((w, h))
             continue
         try:
             with Image.open(p) as im:
+                sizes.add(im.size)
                 if im.size != (w, h):
-                    if not resize:
-                        mixed = True
-                        continue
                     im.draft("RGB", (w, h))  # JPEG: let the decoder downscale by 2^k first (much faster)
-                    rgb = im.convert("RGB").resize((w, h), Image.Resampling.BILINEAR)
+                    rgb = to_rgb(im).resize((w, h), Image.Resampling.BILINEAR)
                 else:
-                    rgb = im.convert("RGB")
+                    rgb = to_rgb(im)
                 out[i] = np.asarray(rgb).transpose(2, 0, 1)
         except Exception as err:
             errors.append((p, f"{type(err).__name__}: {err}"))
-    return start, out, errors, mixed
+    return start, out, sizes, errors
 
 
 def _pool_context() -> mp.context.BaseContext:
@@ -115,22 +139,27 @@ def decode_images(
     paths: Sequence[Path],
     size: tuple[int, int],
     *,
-    resize: bool,
     what: str,
     processes: int | None = None,
-) -> np.ndarray:
-    """All ``paths`` decoded to a uint8 (N, 3, H, W) array of ``size`` = (width, height).
+    out: np.ndarray | None = None,
+) -> tuple[np.ndarray, set[tuple[int, int]]]:
+    """All ``paths`` decoded to a uint8 (N, 3, H, W) array of ``size`` = (width, height), resizing (bilinear)
+    those of another size, and the distinct (width, height) sizes the files had. The array is ``out`` when
+    given (a view of a larger array: callers decoding several splits fill one array instead of
+    concatenating copies, which held the data 2.5 times).
 
-    With ``resize`` False every image must already have that size, else ``MixedSizesError``. Unreadable or
-    corrupt files raise ``DataError`` naming the first one (and how many more there are).
+    Unreadable or corrupt files raise ``DataError`` naming the first one (and how many more there are).
     """
     n = len(paths)
     w, h = size
-    images = np.empty((n, 3, h, w), np.uint8)
-    tasks = [(s, [str(p) for p in paths[s : s + _CHUNK]], (w, h), resize) for s in range(0, n, _CHUNK)]
+    if out is None:
+        out = np.empty((n, 3, h, w), np.uint8)
+    elif out.shape != (n, 3, h, w) or out.dtype != np.uint8:
+        raise ValueError(f"out is {out.dtype} {out.shape}, expected uint8 {(n, 3, h, w)}")
+    tasks = [(s, [str(p) for p in paths[s : s + _CHUNK]], (w, h)) for s in range(0, n, _CHUNK)]
     processes = min(processes or available_cpus(), len(tasks))
+    sizes: set[tuple[int, int]] = set()
     errors: list[tuple[str, str]] = []
-    mixed = False
     t0 = time.perf_counter()
     print(f"{what}: decoding {n} images with {processes} process(es)", file=sys.stderr, flush=True)
     done, next_report = 0, 0.1
@@ -141,10 +170,10 @@ def decode_images(
         pool = _pool_context().Pool(processes)
         results = pool.imap_unordered(_decode_chunk, tasks)
     try:
-        for start, chunk, chunk_errors, chunk_mixed in results:
-            images[start : start + len(chunk)] = chunk
+        for start, chunk, chunk_sizes, chunk_errors in results:
+            out[start : start + len(chunk)] = chunk
+            sizes |= chunk_sizes
             errors += chunk_errors
-            mixed = mixed or chunk_mixed
             done += len(chunk)
             if done / n >= next_report or done == n:
                 print(f"{what}: decoded {done}/{n} ({done / n:.0%}, {time.perf_counter() - t0:.1f} s)",
@@ -158,24 +187,23 @@ def decode_images(
         path, msg = min(errors)
         more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
         raise DataError(f"{what}: cannot decode image {path} ({msg}){more}; fix or remove the file")
-    if mixed:
-        raise MixedSizesError(f"{what}: images differ in size")
-    return images
+    return out, sizes
 
 
 def _check_chunk(paths: Sequence[str]) -> list[tuple[str, str]]:
     errors = []
     for p in paths:
         try:
-            with Image.open(p) as im:
-                im.size  # noqa: B018 - the header parse is the check
+            with Image.open(p) as im:  # the header parse is the check
+                _check_mode(im.mode)
         except Exception as err:
             errors.append((p, f"{type(err).__name__}: {err}"))
     return errors
 
 
 def check_images(paths: Sequence[Path], *, what: str, processes: int | None = None) -> None:
-    """Parse every file's header (in parallel) and raise ``DataError`` naming the first unreadable one.
+    """Parse every file's header (in parallel) and raise ``DataError`` naming the first unreadable one, or
+    the first in a pixel format ``to_rgb`` refuses.
 
     Header-only, so it costs a fraction of a decode; used where images are decoded later, per epoch.
     """

@@ -11,9 +11,8 @@ keyed by the source files, so later trials skip them.
 from __future__ import annotations
 
 import json
-import os
 import signal
-import tempfile
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -24,9 +23,9 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision import transforms as T
 
-from lightning_modules.data.cache import source_key
+from lightning_modules.data.cache import atomic_write, source_key, warn_unwritable
 from lightning_modules.data.config import DataConfig
-from lightning_modules.data.decode import check_images
+from lightning_modules.data.decode import check_images, to_rgb
 from lightning_modules.data.errors import DataError
 from lightning_modules.data.loader import alternate_first_flips
 from lightning_modules.data.splits import REPORT_SPLIT, SELECTION_SPLIT, split_indices
@@ -39,6 +38,9 @@ __all__ = ["DEFAULT_LARGE_IMAGE_SIZE", "STATS_SAMPLE", "FolderLoaders"]
 DEFAULT_LARGE_IMAGE_SIZE = 224
 STATS_SAMPLE = 1000  # training images the normalisation is estimated from (fixed seed)
 _CROP_RATIO = 0.875  # resize to size / 0.875, then centre-crop (the torchvision ImageNet recipe)
+# Part of the statistics file's key: bump when the pixels the statistics are computed from change, so old
+# files are not read. 2: 16-bit greys keep their high byte (1 clipped them to white).
+_STATS_FORMAT = 2
 
 
 def _default_stop_signals(worker_id: int) -> None:
@@ -68,7 +70,7 @@ class _Files(Dataset):
         path, label = self.samples[i]
         try:
             with Image.open(path) as im:
-                image = im.convert("RGB")
+                image = to_rgb(im)
         except Exception as err:
             msg = f"{type(err).__name__}: {err}"
             raise DataError(f"cannot decode image {path} ({msg}); fix or remove the file") from None
@@ -93,11 +95,28 @@ class _AlternateFlipSampler(DistributedSampler):
 
 
 def _write_json(path: Path, payload: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(payload, f)
-    os.replace(tmp, path)
+    """Atomically, like the decode cache; a failed write only costs the next process the header check."""
+    try:
+        atomic_write(path, lambda f: f.write(json.dumps(payload).encode()))
+    except OSError as err:
+        warn_unwritable(path, err)
+
+
+def _read_stats(path: Path) -> tuple[list[float], list[float]] | None:
+    """The saved (mean, std), or None when absent or unreadable (empty or cut short: a crash or a full disk
+    while an older version wrote it), so the statistics are computed again and the file rewritten."""
+    if not path.exists():
+        return None
+    try:
+        saved = json.loads(path.read_text())
+        mean, std = [float(v) for v in saved["mean"]], [float(v) for v in saved["std"]]
+        if len(mean) != 3 or len(std) != 3:
+            raise ValueError("not 3 channels")
+    except (OSError, ValueError, KeyError, TypeError) as err:  # JSONDecodeError is a ValueError
+        print(f"se-search: ignoring unreadable statistics file {path} ({err}); computing them again",
+              file=sys.stderr)
+        return None
+    return mean, std
 
 
 class FolderLoaders:
@@ -116,7 +135,7 @@ class FolderLoaders:
         self.samples["test"] = (
             [(paths[i], int(labels[i])) for i in self.indices["test"]] if tree.test is None
             else list(zip(tree.paths("test"), tree.labels("test").tolist(), strict=True)))
-        key = source_key(tree.stats, "folder", self.image_size, cfg.split_seed, cfg.val_size)
+        key = source_key(tree.stats, "folder", _STATS_FORMAT, self.image_size, cfg.split_seed, cfg.val_size)
         self.stats_file = cache_root / f"imagefolder-{tree.root.name}-{key[:24]}.stats.json"
         self.mean, self.std = self._checked_stats()
 
@@ -134,9 +153,9 @@ class FolderLoaders:
 
     def _checked_stats(self) -> tuple[list[float], list[float]]:
         """Check every file's header once, and estimate mean/std on a fixed sample of training images."""
-        if self.stats_file.exists():
-            saved = json.loads(self.stats_file.read_text())
-            return saved["mean"], saved["std"]
+        saved = _read_stats(self.stats_file)
+        if saved is not None:
+            return saved
         check_images(self.tree.paths("train") + self.tree.paths("test"), what=f"imagefolder {self.tree.root}")
         train = self.samples["train"]
         pick = np.random.RandomState(0).permutation(len(train))[:STATS_SAMPLE]

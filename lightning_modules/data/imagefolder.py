@@ -1,14 +1,19 @@
 """``imagefolder``: any ``train/<class>/*`` tree (optionally ``test/<class>/*``), e.g. ``cifar10-jpeg``.
 
-Small images (all one size <= 64, or resized to ``image_size`` <= 64) are decoded once, in parallel, into
+Small images (all at most 64 px, or resized to ``image_size`` <= 64) are decoded once, in parallel, into
 the uint8 cache and served by the fast path; anything larger goes through DataLoaders with workers
-(``folder_loaders``). The tree is checked before anything is decoded: missing folders, empty class folders
-and train/test class lists that differ are reported in one line each.
+(``folder_loaders``). The fast path's images are square, as everything downstream assumes (the cost of a
+network is counted on ``image_size`` squared): without ``image_size``, images of mixed sizes or not square
+are resized to a square of their largest side, and a line on stderr says so. The tree is checked before
+anything is decoded: missing folders, empty class folders and train/test class lists that differ are
+reported in one line each.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,7 +23,7 @@ import numpy as np
 from lightning_modules.data.base import FAST_PATH_MAX_SIZE, ArrayDataModule, SourceArrays, pixel_sums
 from lightning_modules.data.cache import load_or_build, meta_path, source_key
 from lightning_modules.data.config import DataConfig
-from lightning_modules.data.decode import MixedSizesError, decode_images, probe_size
+from lightning_modules.data.decode import decode_images, probe_size
 from lightning_modules.data.errors import DataError
 from lightning_modules.data.folder_loaders import FolderLoaders
 from lightning_modules.data.registry import DATASETS
@@ -26,7 +31,9 @@ from lightning_modules.data.registry import DATASETS
 __all__ = ["IMAGE_EXTENSIONS", "FolderTree", "ImageFolderDataModule", "scan_tree"]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
-_CACHE_FORMAT = 2  # bump when the cache layout changes, so old files are not read
+# Bump when the cache layout or the decoded pixels change, so old files are not read. 3: 16-bit greys keep
+# their high byte (2 clipped them to white); trees of mixed or non-square sizes are decoded square.
+_CACHE_FORMAT = 3
 
 
 @dataclass(frozen=True)
@@ -100,8 +107,14 @@ def scan_tree(root: Path) -> FolderTree:
     return FolderTree(root, tuple(classes), tuple(train), None if test is None else tuple(test), tuple(stats))
 
 
-def _mixed_marker(cache_path: Path) -> Path:
-    return cache_path.with_name(cache_path.name + ".mixed-sizes")
+def _large_marker(cache_path: Path) -> Path:
+    """Left next to a tree's would-be cache when some image is above the fast path's maximum, so the next
+    process goes straight to the DataLoader path instead of decoding the tree again."""
+    return cache_path.with_name(cache_path.name + ".large-images")
+
+
+class _TooLarge(Exception):
+    """Some image of a tree without ``image_size`` is above FAST_PATH_MAX_SIZE: the tree needs DataLoaders."""
 
 
 @DATASETS.register("imagefolder")
@@ -113,6 +126,7 @@ class ImageFolderDataModule(ArrayDataModule):
     """
 
     name = "imagefolder"
+    device_only = False  # images above FAST_PATH_MAX_SIZE go through DataLoaders
 
     def __init__(self, cfg: DataConfig) -> None:
         super().__init__(cfg)
@@ -124,6 +138,7 @@ class ImageFolderDataModule(ArrayDataModule):
         self._tree: FolderTree | None = None
         self._folder: FolderLoaders | None = None
         self._pending: SourceArrays | None = None
+        self._too_large = False  # found by a decode; remembered here too, where the marker cannot be written
 
     @property
     def root(self) -> Path:
@@ -135,43 +150,70 @@ class ImageFolderDataModule(ArrayDataModule):
         return self._tree
 
     # -- which path -------------------------------------------------------------------------------------
-    def _fast_size(self, tree: FolderTree) -> tuple[int, int] | None:
-        """The (width, height) to decode to on the fast path, or None for the DataLoader path."""
-        if self.cfg.image_size is not None:
-            s = self.cfg.image_size
-            return (s, s) if s <= FAST_PATH_MAX_SIZE else None
-        w, h = probe_size(tree.root / tree.train[0][0])
-        return (w, h) if max(w, h) <= FAST_PATH_MAX_SIZE else None
-
-    def _cache_path(self, tree: FolderTree, size: tuple[int, int]) -> Path:
-        key = source_key(tree.stats, _CACHE_FORMAT, size, self.cfg.image_size is not None, tree.classes)
+    def _cache_path(self, tree: FolderTree) -> Path:
+        size = self.cfg.image_size
+        setting = ((size, size), True) if size is not None else "native"  # native: the tree's largest side
+        key = source_key(tree.stats, _CACHE_FORMAT, setting, tree.classes)
         return self.cache_root / f"imagefolder-{tree.root.name}-{key[:24]}.npy"
 
-    def _decode(self, tree: FolderTree, size: tuple[int, int]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        """Train then test images as one array, and the metadata the cache keeps beside them."""
-        resize = self.cfg.image_size is not None
+    def _cache_target(self) -> Path | None:
+        """The cache entry for the fast path, or None when the tree needs the DataLoader path. Costs at most
+        one header read: an entry already cached answers without any."""
+        tree = self.tree()
+        if self.cfg.image_size is not None:
+            return self._cache_path(tree) if self.cfg.image_size <= FAST_PATH_MAX_SIZE else None
+        path = self._cache_path(tree)
+        if meta_path(path).exists():
+            return path
+        if self._too_large or _large_marker(path).exists():
+            return None
+        w, h = probe_size(tree.root / tree.train[0][0])  # a tree of large images leaves at once
+        return path if max(w, h) <= FAST_PATH_MAX_SIZE else None
+
+    def _decode_at(self, tree: FolderTree, side: int) -> tuple[np.ndarray, set[tuple[int, int]]]:
+        """Train then test images in one (N, 3, side, side) array, and the sizes the files had."""
+        train, test = tree.paths("train"), tree.paths("test")
+        # Both splits decode into one array: decoding them apart and concatenating held the data 2.5 times.
+        images = np.empty((len(train) + len(test), 3, side, side), np.uint8)
         what = f"imagefolder {tree.root}"
-        parts = [decode_images(tree.paths("train"), size, resize=resize, what=f"{what} train")]
-        if tree.test is not None:
-            parts.append(decode_images(tree.paths("test"), size, resize=resize, what=f"{what} test"))
-        images = np.concatenate(parts) if len(parts) > 1 else parts[0]
+        _, sizes = decode_images(train, (side, side), what=f"{what} train", out=images[: len(train)])
+        if test:
+            sizes |= decode_images(test, (side, side), what=f"{what} test", out=images[len(train) :])[1]
+        return images, sizes
+
+    def _decode_square(self, tree: FolderTree) -> np.ndarray:
+        """The tree decoded at ``image_size``, or without it at its largest image side (``_TooLarge`` above
+        the fast path's maximum). Decoded at the first image's side first, as most trees are one square
+        size: that is one pass with the files' own pixels; the decode tells the sizes, and only a tree whose
+        first image is not its largest is decoded a second time (once: then it is cached)."""
+        if self.cfg.image_size is not None:
+            return self._decode_at(tree, self.cfg.image_size)[0]
+        first = max(probe_size(tree.root / tree.train[0][0]))
+        images, sizes = self._decode_at(tree, first)
+        side = max(max(size) for size in sizes)
+        if side > FAST_PATH_MAX_SIZE:
+            raise _TooLarge
+        if sizes != {(side, side)}:
+            shown = ", ".join(f"{w}x{h}" for w, h in sorted(sizes)[:4]) + (", ..." if len(sizes) > 4 else "")
+            found = f"are {shown}, not square" if len(sizes) == 1 else f"come in {len(sizes)} sizes ({shown})"
+            print(f"imagefolder {tree.root}: images {found}; resizing them all to {side}x{side} (the largest "
+                  f"side) for the fast path; set data.image_size to choose the size", file=sys.stderr, flush=True)
+        if side != first:
+            del images  # before the second array exists
+            images = self._decode_at(tree, side)[0]
+        return images
+
+    def _decode(self, tree: FolderTree) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """Train then test images as one array, and the metadata the cache keeps beside them."""
+        images = self._decode_square(tree)
         meta = {
             "classes": np.array(tree.classes),
             "train_labels": tree.labels("train"),
             "test_labels": tree.labels("test"),  # empty without test/
             "has_test": np.array(tree.test is not None),
-            "train_pixel_sums": pixel_sums(parts[0]),
+            "train_pixel_sums": pixel_sums(images[: len(tree.train)]),
         }
         return images, meta
-
-    def _cache_target(self) -> Path | None:
-        """The cache entry for the fast path, or None when the tree needs the DataLoader path."""
-        tree = self.tree()
-        size = self._fast_size(tree)
-        if size is None:
-            return None
-        path = self._cache_path(tree, size)
-        return None if _mixed_marker(path).exists() else path
 
     def _cached(self) -> SourceArrays | None:
         """The decoded tree (from the cache, or decoded and cached now), or None when it needs the
@@ -182,14 +224,13 @@ class ImageFolderDataModule(ArrayDataModule):
         if path is None:
             return None
         tree = self.tree()
-        size = self._fast_size(tree)
-        assert size is not None
         try:
-            images, meta, hit = load_or_build(path, lambda: self._decode(tree, size))
-        except MixedSizesError:
-            # Remember it, so the next trial goes straight to the DataLoader path instead of decoding again.
-            _mixed_marker(path).parent.mkdir(parents=True, exist_ok=True)
-            _mixed_marker(path).touch()
+            images, meta, hit = load_or_build(path, lambda: self._decode(tree))
+        except _TooLarge:
+            self._too_large = True
+            with contextlib.suppress(OSError):  # only a shortcut for the next process; no cache, no shortcut
+                _large_marker(path).parent.mkdir(parents=True, exist_ok=True)
+                _large_marker(path).touch()
             return None
         classes = tuple(str(c) for c in meta["classes"])
         if classes != tree.classes:  # pragma: no cover - the key covers the class list

@@ -5,6 +5,8 @@ augmentation, sharding and seeding, and every data error as one line before trai
 from __future__ import annotations
 
 import concurrent.futures
+import errno
+import json
 import multiprocessing as mp
 import os
 import pickle
@@ -21,18 +23,25 @@ import pytorch_lightning as pl
 import torch
 import torchmetrics
 from PIL import Image
+from torchvision.transforms import PILToTensor
 
 from lightning_modules import ConfigError, build_arch
 from lightning_modules.data import (
     CACHE_DIR_ENV,
     DATA_DIR_ENV,
     DATASETS,
+    ArrayDataModule,
     DataConfig,
     DataError,
     DeviceBatchLoader,
+    SourceArrays,
     build_datamodule,
 )
+from lightning_modules.data import cache as cache_module
 from lightning_modules.data.augment import crop_flip
+from lightning_modules.data.cache import meta_path
+from lightning_modules.data.decode import decode_images
+from lightning_modules.data.folder_loaders import _Files
 from tests.conftest import REPO
 
 SHARED_CIFAR = Path(__file__).resolve().parents[3] / "shared/data/cifar10-jpeg"
@@ -696,15 +705,225 @@ def test_imagefolder_large_images_alternate_flips_through_dataloader_workers(tmp
     assert sum(random_epochs[1][i] != random_epochs[0][i] for i in random_epochs[0]) < 0.8 * n
 
 
-def test_imagefolder_mixed_sizes_without_image_size_fall_back(tmp_path: Path) -> None:
+def _pillow_square(path: Path, side: int) -> np.ndarray:
+    """What the fast path holds for a file: its RGB pixels, resized (bilinear) to side x side if needed."""
+    with Image.open(path) as im:
+        rgb = im.convert("RGB")
+    if rgb.size != (side, side):
+        rgb = rgb.resize((side, side), Image.Resampling.BILINEAR)
+    return np.asarray(rgb).transpose(2, 0, 1)
+
+
+def test_imagefolder_small_mixed_sizes_use_fast_path_at_largest_side(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Small images of mixed sizes (none above 64) stay on the fast path, resized to the largest side, and a
+    line says so; they used to fall silently to DataLoaders at 224x224 (100 times the pixels of 20x20). The
+    first image is not the largest, so the sizes come from the whole tree, not from it."""
     root = _write_tree(tmp_path / "tree", n_train=4, n_test=None, size=(20, 20))
     _image(0, 50, (24, 24)).save(root / "train" / "bee" / "9999.png")
     dm = build_datamodule(_folder_cfg(root, batch_size=2))
     dm.setup()
+    d = dm.describe()
+    assert d["pipeline"] == "device" and dm.image_size == 24 and d["cache_hit"] is False
+    assert "images come in 2 sizes (20x20, 24x24); resizing them all to 24x24" in capsys.readouterr().err
+    cached = np.load(d["cache_file"])  # the training files in sorted order: ant 0-3, bee 0-3 and 9999, cat 0-3
+    assert cached.shape == (13, 3, 24, 24)
+    assert np.array_equal(cached[4], _pillow_square(root / "train" / "bee" / "0000.png", 24))
+    assert np.array_equal(cached[8], _pillow_square(root / "train" / "bee" / "9999.png", 24))  # as it was
+    again = build_datamodule(_folder_cfg(root, batch_size=2))
+    again.setup()
+    assert again.describe()["cache_hit"] is True and again.image_size == 24
+    assert "decoding" not in capsys.readouterr().err
+
+
+def test_imagefolder_mixed_sizes_with_a_large_image_fall_back(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = _write_tree(tmp_path / "tree", n_train=4, n_test=None, size=(20, 20))
+    _image(0, 50, (80, 80)).save(root / "train" / "bee" / "9999.png")
+    dm = build_datamodule(_folder_cfg(root, batch_size=2))
+    dm.setup()
     assert dm.describe()["pipeline"] == "dataloader" and dm.image_size == 224
+    capsys.readouterr()
     again = build_datamodule(_folder_cfg(root, batch_size=2))
     again.setup()  # remembered: straight to the DataLoader path, no second decode attempt
-    assert again.describe()["pipeline"] == "dataloader"
+    assert again.describe()["pipeline"] == "dataloader" and "decoding" not in capsys.readouterr().err
+
+
+def test_imagefolder_non_square_images_are_made_square(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``image_size`` is one side, and a network's cost is counted on ``image_size`` squared (search/cost.py):
+    a 24x12 tree used to stay 24x12 while ``image_size`` said 12, so its FLOPs were counted on half its
+    pixels. Without ``image_size``, non-square images are resized to a square of their longer side."""
+    root = _write_tree(tmp_path / "tree", n_train=4, n_test=2, size=(24, 12))
+    dm = build_datamodule(_folder_cfg(root, batch_size=4))
+    dm.setup()
+    x, _ = next(iter(dm.train_dataloader()))
+    assert dm.image_size == 24 and x.shape == (4, 3, 24, 24)
+    assert "images are 24x12, not square; resizing them all to 24x24" in capsys.readouterr().err
+    images, _ = dm.split_arrays("test")
+    assert np.array_equal(images[0], _pillow_square(root / "test" / "ant" / "0000.png", 24))
+
+
+def test_array_datamodule_refuses_non_square_images() -> None:
+    class Wide(ArrayDataModule):
+        name = "wide"
+
+        def _load(self) -> SourceArrays:
+            return SourceArrays(np.zeros((20, 3, 8, 16), np.uint8), np.arange(20) % 2, None, None, ("a", "b"), "x")
+
+    with pytest.raises(DataError, match="wide: images are 16x8, not square; pass image_size"):
+        Wide(_digits()).setup()
+
+
+# Every pixel format a tree may hold, one class folder each: (PIL mode, extension).
+_PIXEL_FORMATS = [("RGB", "png"), ("L", "png"), ("P", "png"), ("RGBA", "png"), ("LA", "png"), ("1", "png"),
+                  ("I;16", "png"), ("I;16", "tif"), ("I;16B", "tif"), ("RGB", "jpg"), ("L", "jpg"), ("CMYK", "jpg")]
+
+
+def _format_image(mode: str, seed: int) -> Image.Image:
+    rng = np.random.RandomState(seed)
+    if mode.startswith("I;16"):  # the whole 16-bit range: Pillow's convert("RGB") clipped it to white
+        return Image.fromarray(rng.randint(0, 65536, (16, 16)).astype(">u2" if mode == "I;16B" else np.uint16))
+    return Image.fromarray(rng.randint(0, 256, (16, 16, 3)).astype(np.uint8)).convert(mode)
+
+
+def _expected_rgb(path: Path) -> np.ndarray:
+    """8-bit RGB (C, H, W) of a file: Pillow's conversion, and for 16-bit greys their high byte."""
+    with Image.open(path) as im:
+        if im.mode.startswith("I;16"):
+            grey = (np.asarray(im) >> 8).astype(np.uint8)
+            return np.stack([grey] * 3)
+        return np.asarray(im.convert("RGB")).transpose(2, 0, 1)
+
+
+def test_imagefolder_decoders_agree_on_every_pixel_format(tmp_path: Path) -> None:
+    """The fast path's decoder (torchvision for JPEGs, Pillow otherwise) and the DataLoader path's reader
+    give the same 8-bit pixels for every format, 16-bit greys scaled by their high byte."""
+    root = tmp_path / "tree"
+    files = []
+    for k, (mode, ext) in enumerate(_PIXEL_FORMATS):
+        folder = root / "train" / f"{k:02d}-{mode.replace(';', '_')}-{ext}"
+        folder.mkdir(parents=True)
+        for i in range(2):
+            _format_image(mode, 10 * k + i).save(folder / f"{i}.{ext}")
+            files.append(folder / f"{i}.{ext}")
+    with Image.open(root / "train" / "06-I_16-png" / "0.png") as im:
+        assert im.mode == "I;16"  # a real 16-bit file
+    dm = build_datamodule(_folder_cfg(root, batch_size=2, val_size=2))
+    dm.setup()
+    cached = np.load(dm.describe()["cache_file"])  # in the sorted order of ``files``
+    for path, fast in zip(files, cached, strict=True):
+        expected = _expected_rgb(path)
+        loader = _Files([(path, 0)], PILToTensor())[0][0].numpy()
+        assert np.array_equal(fast, expected), path.name
+        assert np.array_equal(loader, expected), path.name
+    grey16 = cached[2 * _PIXEL_FORMATS.index(("I;16", "png"))]
+    assert 100 < grey16.mean() < 155  # uniform 16-bit noise is mid-grey, not white
+
+
+@pytest.mark.parametrize(("mode", "image_size"), [("I", None), ("F", None), ("I", 72), ("F", 72)])
+def test_imagefolder_refuses_32bit_greys_before_training(tmp_path: Path, mode: str, image_size: int | None) -> None:
+    """32-bit integer or float greys have no fixed 8-bit scale (per-image min/max would differ from image to
+    image): refused, naming the file and the fix, on both paths (72: the DataLoader path's header check)."""
+    root = _write_tree(tmp_path / "tree", n_train=5, n_test=2, size=(16, 16))
+    bad = root / "train" / "bee" / "0009.tif"
+    Image.fromarray((np.arange(256).reshape(16, 16) * 1000).astype(np.int32 if mode == "I" else np.float32)).save(bad)
+    dm = build_datamodule(_folder_cfg(root, image_size=image_size))
+    with pytest.raises(DataError) as info:
+        dm.prepare_data()
+        dm.setup("fit")
+    message = str(info.value)
+    assert str(bad) in message and f"(mode {mode})" in message and "convert it to 8- or 16-bit" in message
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize("damage", ["meta_truncated", "images_truncated"])
+def test_imagefolder_damaged_cache_is_rebuilt(tmp_path: Path, damage: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """A cache entry cut short (a copy or rsync interrupted, a full disk on another host) is decoded again
+    and rewritten, not a crash (a truncated .npz raised zipfile.BadZipFile)."""
+    root = _write_tree(tmp_path / "tree", n_train=5, n_test=2)
+    first = build_datamodule(_folder_cfg(root))
+    first.setup()
+    cache = Path(first.describe()["cache_file"])
+    victim = cache if damage == "images_truncated" else meta_path(cache)
+    data = victim.read_bytes()
+    victim.write_bytes(data[: len(data) // 2])
+    again = build_datamodule(_folder_cfg(root))
+    again.setup()
+    assert again.describe()["cache_hit"] is False and "ignoring unreadable cache" in capsys.readouterr().err
+    assert np.array_equal(again.split_arrays("train")[0], first.split_arrays("train")[0])
+    third = build_datamodule(_folder_cfg(root))
+    third.setup()
+    assert third.describe()["cache_hit"] is True  # rewritten whole
+
+
+@pytest.mark.parametrize("content", ["", '{"mean": [0.5, 0.5', '{"mean": [0.5]}'])
+def test_imagefolder_unreadable_statistics_file_is_recomputed(tmp_path: Path, content: str) -> None:
+    """The DataLoader path's statistics file, empty or cut short, is computed and written again."""
+    root = _write_tree(tmp_path / "tree", n_train=3, n_test=1, size=(80, 70))
+    cfg = _folder_cfg(root, image_size=72, batch_size=2, val_size=1)
+    first = build_datamodule(cfg)
+    first.setup()
+    stats = Path(first.describe()["stats_file"])
+    saved = json.loads(stats.read_text())
+    stats.write_text(content)
+    again = build_datamodule(cfg)
+    again.setup()
+    assert again.describe()["normalization"] == first.describe()["normalization"]
+    assert json.loads(stats.read_text()) == saved
+
+
+def test_statistics_file_write_is_atomic(tmp_path: Path) -> None:
+    """A write that fails midway leaves the previous file whole and no temporary behind."""
+    from lightning_modules.data.folder_loaders import _write_json
+
+    path = tmp_path / "cache" / "x.stats.json"
+    _write_json(path, {"mean": [0.5]})
+    with pytest.raises(TypeError):
+        _write_json(path, {"mean": [0.25], "bad": object()})  # fails while writing
+    assert json.loads(path.read_text()) == {"mean": [0.5]} and os.listdir(path.parent) == ["x.stats.json"]
+
+
+@pytest.mark.parametrize("failure", ["disk_full", "cache_dir_is_a_file", "cache_dir_is_a_file_large_images"])
+def test_imagefolder_unwritable_cache_warns_and_continues(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], failure: str
+) -> None:
+    """A cache that cannot be written (full disk, a file where the folder should be) is one warning line
+    naming the folder and the variable to change; the study goes on with the images decoded in memory."""
+    large = failure.endswith("large_images")
+    root = _write_tree(tmp_path / "tree", n_train=4, n_test=2, size=(80, 70) if large else (12, 12))
+    cache_dir = tmp_path / "cache"
+    if failure == "disk_full":
+        def no_space(fd: int) -> None:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr(cache_module.os, "fsync", no_space)
+    else:
+        cache_dir.write_text("not a folder")
+    dm = build_datamodule(_folder_cfg(root, cache_dir=cache_dir, batch_size=2, image_size=72 if large else None))
+    dm.prepare_data()
+    dm.setup("fit")
+    x, _ = next(iter(dm.train_dataloader()))
+    assert x.shape == ((2, 3, 72, 72) if large else (2, 3, 12, 12))
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    assert warnings and all(f"cache folder {cache_dir} (" in w and CACHE_DIR_ENV in w for w in warnings)
+    if not large:
+        images, _ = dm.split_arrays("test")
+        assert np.array_equal(images[0], _pillow_square(root / "test" / "ant" / "0000.png", 12))
+    if failure == "disk_full":
+        assert [p.suffix for p in cache_dir.iterdir()] == [".lock"]  # no temporaries, no half entry
+
+
+def test_decode_images_fills_the_given_array(tmp_path: Path) -> None:
+    """Train and test decode into views of one array: concatenating two decoded arrays held a cold decode's
+    data 2.5 times (the 60,000-image CIFAR-10 copy: 432 MB of peak growth for 176 MB of images, now 260)."""
+    root = _write_tree(tmp_path / "tree", n_train=2, n_test=None, size=(12, 12))
+    paths = sorted(root.glob("train/*/*.png"))
+    whole = np.zeros((len(paths) + 1, 3, 12, 12), np.uint8)
+    images, sizes = decode_images(paths, (12, 12), what="t", out=whole[1:])
+    assert np.shares_memory(images, whole) and sizes == {(12, 12)} and not whole[0].any()
+    assert np.array_equal(whole[1], _pillow_square(paths[0], 12))
 
 
 def _corrupt(root: Path, ext: str = "png") -> str:
@@ -828,6 +1047,15 @@ def test_cifar_image_size_resizes(tmp_path: Path) -> None:
     assert dm.image_size == 16 and next(iter(dm.val_dataloader()))[0].shape[1:] == (3, 16, 16)
 
 
+@pytest.mark.parametrize("name", ["cifar10", "cifar100", "digits"])
+def test_device_only_dataset_refuses_large_image_size_before_reading(tmp_path: Path, name: str) -> None:
+    """Datasets held whole on the device refuse ``image_size`` above 64 when the DataModule is built, before
+    anything is read or resized: CIFAR-10 at 224 used to be resized whole (9 GB, minutes), then refused."""
+    with pytest.raises(DataError) as info:
+        build_datamodule(DataConfig(name=name, data_dir=tmp_path, image_size=224, download=False))
+    assert str(info.value) == f"{name}: image size 224 is above the fast path's 64; pass image_size <= 64"
+
+
 def test_cifar_missing_copy_names_path_and_fix(tmp_path: Path) -> None:
     with pytest.raises(DataError) as info:
         build_datamodule(DataConfig(name="cifar10", download=False)).prepare_data()
@@ -893,6 +1121,7 @@ def test_shared_cifar10_jpeg_subset_decodes_like_pillow(tmp_path: Path) -> None:
     fourth = sorted((SHARED_CIFAR / "test" / classes[4]).iterdir())[3]  # class 4's test images start at 40
     with Image.open(fourth) as im:
         assert np.array_equal(images[43], np.asarray(im.convert("RGB")).transpose(2, 0, 1))
+    assert np.array_equal(images[43], _Files([(fourth, 4)], PILToTensor())[0][0].numpy())  # the DataLoader path's
     assert labels[43] == 4
     x, _ = next(iter(dm.train_dataloader()))
     assert x.shape == (32, 3, 32, 32)

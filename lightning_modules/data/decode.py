@@ -190,32 +190,51 @@ def decode_images(
     return out, sizes
 
 
-def _check_chunk(paths: Sequence[str]) -> list[tuple[str, str]]:
+def _check_chunk(paths: Sequence[str]) -> tuple[int, list[tuple[str, str]]]:
+    """How many files were checked, and the ones that do not decode."""
     errors = []
     for p in paths:
         try:
-            with Image.open(p) as im:  # the header parse is the check
-                _check_mode(im.mode)
+            # The DataLoader's workers' own decode (``folder_loaders._Files``): a file cut short or damaged
+            # after its header passes ``Image.open`` and fails only here.
+            with Image.open(p) as im:
+                to_rgb(im)
         except Exception as err:
             errors.append((p, f"{type(err).__name__}: {err}"))
-    return errors
+    return len(paths), errors
 
 
 def check_images(paths: Sequence[Path], *, what: str, processes: int | None = None) -> None:
-    """Parse every file's header (in parallel) and raise ``DataError`` naming the first unreadable one, or
-    the first in a pixel format ``to_rgb`` refuses.
+    """Decode every file (in parallel, as the DataLoader's workers will) and raise ``DataError`` naming the
+    first that fails (and how many more there are), or the first in a pixel format ``to_rgb`` refuses.
 
-    Header-only, so it costs a fraction of a decode; used where images are decoded later, per epoch.
+    Used where images are decoded later, per epoch: a file that would fail there fails here, before
+    training, instead of after a trial's whole training (a test image) or in every trial (a training image).
+    Costs about one epoch's decoding, so the caller runs it once per tree and records the result.
     """
-    tasks = [[str(p) for p in paths[s : s + _CHUNK * 4]] for s in range(0, len(paths), _CHUNK * 4)]
+    n = len(paths)
+    tasks = [[str(p) for p in paths[s : s + _CHUNK * 4]] for s in range(0, n, _CHUNK * 4)]
     processes = min(processes or available_cpus(), len(tasks))
-    print(f"{what}: checking {len(paths)} image headers", file=sys.stderr, flush=True)
-    if processes <= 1:
-        errors = [e for chunk in map(_check_chunk, tasks) for e in chunk]
-    else:
-        with _pool_context().Pool(processes) as pool:
-            errors = [e for chunk in pool.imap_unordered(_check_chunk, tasks) for e in chunk]
+    print(f"{what}: checking that all {n} images decode, once for this tree, with {processes} process(es)",
+          file=sys.stderr, flush=True)
+    t0 = time.perf_counter()
+    errors: list[tuple[str, str]] = []
+    done, next_report = 0, 0.1
+    pool = _pool_context().Pool(processes) if processes > 1 else None
+    try:
+        results = map(_check_chunk, tasks) if pool is None else pool.imap_unordered(_check_chunk, tasks)
+        for count, chunk_errors in results:
+            errors += chunk_errors
+            done += count
+            if done / n >= next_report or done == n:  # a large tree takes about an epoch: show it moving
+                print(f"{what}: checked {done}/{n} ({done / n:.0%}, {time.perf_counter() - t0:.1f} s)",
+                      file=sys.stderr, flush=True)
+                next_report = done / n + 0.1
+    finally:
+        if pool is not None:
+            pool.terminate()
+            pool.join()
     if errors:
         path, msg = min(errors)
         more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
-        raise DataError(f"{what}: cannot read image {path} ({msg}){more}; fix or remove the file")
+        raise DataError(f"{what}: cannot decode image {path} ({msg}){more}; fix or remove the file")

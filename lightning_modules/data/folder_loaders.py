@@ -3,9 +3,10 @@
 Standard ImageNet-style transforms (``RandomResizedCrop`` + flip for training, resize + centre crop for
 evaluation) in worker processes. Under ``flip: alternate`` the sampler, in the main process, decides each
 image's flip (it knows the epoch, which the workers do not) and hands it to the workers with the index.
-Every file's header is checked once before training (in parallel), and the normalisation is estimated from
-a fixed sample of training images; both results are kept in a small JSON file next to the decode caches,
-keyed by the source files, so later trials skip them.
+Every file is decoded once before training (in parallel), so a damaged one stops the study before any
+trial trains instead of failing each trial when its loader reaches the file; the normalisation is
+estimated from a fixed sample of training images. Both results are kept in small JSON files next to the
+decode caches, keyed by the source files (the check by those alone), so later trials and processes skip them.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision import transforms as T
 
-from lightning_modules.data.cache import atomic_write, source_key, warn_unwritable
+from lightning_modules.data.cache import _locked, atomic_write, source_key, warn_unwritable
 from lightning_modules.data.config import DataConfig
 from lightning_modules.data.decode import check_images, to_rgb
 from lightning_modules.data.errors import DataError
@@ -41,6 +42,9 @@ _CROP_RATIO = 0.875  # resize to size / 0.875, then centre-crop (the torchvision
 # Part of the statistics file's key: bump when the pixels the statistics are computed from change, so old
 # files are not read. 2: 16-bit greys keep their high byte (1 clipped them to white).
 _STATS_FORMAT = 2
+# Part of the decode check's key: bump when ``to_rgb`` accepts or refuses other files, so they are checked
+# again.
+_CHECK_FORMAT = 1
 
 
 def _default_stop_signals(worker_id: int) -> None:
@@ -73,7 +77,9 @@ class _Files(Dataset):
                 image = to_rgb(im)
         except Exception as err:
             msg = f"{type(err).__name__}: {err}"
-            raise DataError(f"cannot decode image {path} ({msg}); fix or remove the file") from None
+            # Every file decoded in the check before training: this one changed since (or decodes only sometimes).
+            raise DataError(f"imagefolder: cannot decode image {path} ({msg}), which decoded in the check before "
+                            f"training; fix or remove the file") from None
         x = self.transform(image)
         # Mirroring after the crop is the same distribution as before it: RandomResizedCrop's box is placed
         # uniformly, so its mirror image is as likely.
@@ -95,11 +101,20 @@ class _AlternateFlipSampler(DistributedSampler):
 
 
 def _write_json(path: Path, payload: dict[str, Any]) -> None:
-    """Atomically, like the decode cache; a failed write only costs the next process the header check."""
+    """Atomically, like the decode cache; a failed write only costs the next process the check again."""
     try:
         atomic_write(path, lambda f: f.write(json.dumps(payload).encode()))
     except OSError as err:
         warn_unwritable(path, err)
+
+
+def _tree_checked(path: Path, n_files: int) -> bool:
+    """Whether an earlier process decoded all ``n_files`` of the tree the name of ``path`` is keyed by; an
+    unreadable record (cut short by a crash) only means checking again."""
+    try:
+        return json.loads(path.read_text()).get("decoded") == n_files
+    except (OSError, ValueError, AttributeError):  # absent, not JSON, or JSON but not an object
+        return False
 
 
 def _read_stats(path: Path) -> tuple[list[float], list[float]] | None:
@@ -137,7 +152,11 @@ class FolderLoaders:
             else list(zip(tree.paths("test"), tree.labels("test").tolist(), strict=True)))
         key = source_key(tree.stats, "folder", _STATS_FORMAT, self.image_size, cfg.split_seed, cfg.val_size)
         self.stats_file = cache_root / f"imagefolder-{tree.root.name}-{key[:24]}.stats.json"
-        self.mean, self.std = self._checked_stats()
+        # Keyed by the files alone: whether they decode does not depend on the size or the split.
+        key = source_key(tree.stats, "decoded", _CHECK_FORMAT)
+        self.check_file = cache_root / f"imagefolder-{tree.root.name}-{key[:24]}.decoded.json"
+        self._check_decodes()
+        self.mean, self.std = self._stats()
 
     def _eval_transform(self, normalize: bool = True) -> Any:
         size = self.image_size
@@ -151,12 +170,23 @@ class FolderLoaders:
         flip = [T.RandomHorizontalFlip()] if self.cfg.flip == "random" else []
         return T.Compose([T.RandomResizedCrop(self.image_size), *flip, T.ToTensor(), T.Normalize(self.mean, self.std)])
 
-    def _checked_stats(self) -> tuple[list[float], list[float]]:
-        """Check every file's header once, and estimate mean/std on a fixed sample of training images."""
+    def _check_decodes(self) -> None:
+        """Decode every file of the tree once, before any training, and record that it passed. The lock makes
+        the processes of a study starting together check once, the others waiting for the record."""
+        paths = self.tree.paths("train") + self.tree.paths("test")
+        if _tree_checked(self.check_file, len(paths)):
+            return
+        with _locked(self.check_file.with_name(self.check_file.name + ".lock")):
+            if _tree_checked(self.check_file, len(paths)):  # another process finished while we waited
+                return
+            check_images(paths, what=f"imagefolder {self.tree.root}")
+            _write_json(self.check_file, {"decoded": len(paths)})
+
+    def _stats(self) -> tuple[list[float], list[float]]:
+        """Mean/std estimated on a fixed sample of training images, computed once and saved."""
         saved = _read_stats(self.stats_file)
         if saved is not None:
             return saved
-        check_images(self.tree.paths("train") + self.tree.paths("test"), what=f"imagefolder {self.tree.root}")
         train = self.samples["train"]
         pick = np.random.RandomState(0).permutation(len(train))[:STATS_SAMPLE]
         ds = _Files([train[i] for i in pick], self._eval_transform(normalize=False))
@@ -171,7 +201,7 @@ class FolderLoaders:
             count += x.shape[0] * x.shape[2] * x.shape[3]
         mean = total / count
         std = (total_sq / count - mean**2).clamp_min(1e-12).sqrt()
-        payload = {"mean": mean.tolist(), "std": std.tolist(), "sample": len(ds), "checked_files": True}
+        payload = {"mean": mean.tolist(), "std": std.tolist(), "sample": len(ds)}
         _write_json(self.stats_file, payload)
         return payload["mean"], payload["std"]
 
@@ -210,6 +240,7 @@ class FolderLoaders:
             "cache_file": None,
             "cache_hit": None,
             "stats_file": str(self.stats_file),
+            "decode_check_file": str(self.check_file),
             "val_from": f"train pool: stratified, split_seed {self.cfg.split_seed}",
             "test_from": self.test_from,
             "num_classes": len(self.tree.classes),

@@ -36,6 +36,7 @@ from lightning_modules.data import (
     DeviceBatchLoader,
     SourceArrays,
     build_datamodule,
+    folder_loaders,
 )
 from lightning_modules.data import cache as cache_module
 from lightning_modules.data.augment import crop_flip
@@ -940,7 +941,7 @@ def _corrupt(root: Path, ext: str = "png") -> str:
         ("empty_class", ["class folder", "train/cow holds no images"]),
         ("corrupt", ["cannot decode image", "train/bee/0003.png", "fix or remove"]),
         ("corrupt_jpg", ["cannot decode image", "train/bee/0003.jpg", "fix or remove"]),
-        ("corrupt_large", ["cannot read image", "train/bee/0003.png"]),
+        ("corrupt_large", ["cannot decode image", "train/bee/0003.png"]),
         ("mismatch", ["class folders differ", "only in train: cat", "only in test: dog"]),
     ],
 )
@@ -971,6 +972,67 @@ def test_imagefolder_errors_are_one_line_before_training(
     assert "\n" not in message and message.startswith("imagefolder")
     for fragment in fragments:
         assert fragment in message
+
+
+def _truncate(path: Path) -> str:
+    """Cut ``path`` to half (a download or copy cut short): its header still parses, its pixels do not."""
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    return str(path)
+
+
+def _large_tree(root: Path) -> Path:
+    return _write_tree(root, n_train=3, n_test=1, size=(80, 70), ext="jpg")
+
+
+def test_imagefolder_large_truncated_images_fail_before_training(tmp_path: Path) -> None:
+    """On the DataLoader path files cut short passed the header check and, outside the training images the
+    statistics sample, setup: every trial trained, then failed when its loader got there (here: testing)."""
+    root = _large_tree(tmp_path / "tree")
+    bad = _truncate(root / "test" / "bee" / "0000.jpg")
+    _truncate(root / "test" / "cat" / "0000.jpg")
+    dm = build_datamodule(_folder_cfg(root, image_size=72, batch_size=2, val_size=1))
+    with pytest.raises(DataError) as info:
+        dm.setup("fit")
+    message = str(info.value)
+    assert message.startswith(f"imagefolder {root.resolve()}: cannot decode image {bad} (OSError: image file is "
+                              f"truncated") and message.endswith(" (and 1 more); fix or remove the file")
+
+
+def test_imagefolder_large_images_decode_check_is_recorded_per_tree(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The full decode costs about an epoch: done once per tree and recorded, not by every trial or process,
+    whatever the image size; a changed file makes a new key, so the tree is checked again."""
+    root = _large_tree(tmp_path / "tree")
+    first = build_datamodule(_folder_cfg(root, image_size=72, batch_size=2, val_size=1))
+    first.setup()
+    assert json.loads(Path(first.describe()["decode_check_file"]).read_text()) == {"decoded": 12}
+    checked: list[int] = []
+    check = folder_loaders.check_images
+    monkeypatch.setattr(folder_loaders, "check_images", lambda paths, **kw: (checked.append(len(paths)),
+                                                                           check(paths, **kw))[1])
+    for size in (72, 80):
+        build_datamodule(_folder_cfg(root, image_size=size, batch_size=2, val_size=1)).setup()
+    assert checked == []
+    bad = _truncate(root / "test" / "ant" / "0000.jpg")
+    with pytest.raises(DataError, match=f"cannot decode image {bad} "):
+        build_datamodule(_folder_cfg(root, image_size=72, batch_size=2, val_size=1)).setup()
+    assert checked == [12]
+
+
+def test_imagefolder_decode_error_in_loader_worker_is_one_readable_line(tmp_path: Path) -> None:
+    """A file damaged after the check fails in a DataLoader worker; torch re-raises the DataError with the
+    worker's whole traceback as its message, which ``DataError`` flattened into one 2,000-character line."""
+    root = _large_tree(tmp_path / "tree")
+    dm = build_datamodule(_folder_cfg(root, image_size=72, batch_size=2, val_size=1, num_workers=1))
+    dm.setup()
+    bad = _truncate(root / "test" / "bee" / "0000.jpg")
+    with pytest.raises(DataError) as info:
+        list(dm.test_dataloader())
+    message = str(info.value)
+    assert message.startswith(f"imagefolder: cannot decode image {bad} (OSError: image file is truncated")
+    assert "Traceback" not in message and len(message) < 300
 
 
 def test_imagefolder_requires_data_dir() -> None:

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from lightning_modules import ArchConfig
 from lightning_modules.recipe import OPTIMIZERS, SCHEDULES, TrainingRecipe, build_trainable, eval_logits
+from lightning_modules.training import cuda_has_native_bf16
 from lightning_modules.whitening import fit_whitening
 
 __all__ = ["hand_written_fit"]
@@ -43,7 +44,7 @@ def native_bf16(device: torch.device) -> bool:
     convolution's forward and backward took 4.1 s in bf16 against 0.25 s in fp32 (2026-11-30), which turns
     trial_accuracy's hour into most of a day."""
     if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
+        return cuda_has_native_bf16()
     supported = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)  # private; absent: assume emulated
     return bool(supported and supported())
 
@@ -74,7 +75,7 @@ def hand_written_fit(arch: ArchConfig, recipe: TrainingRecipe, dm: Any, device: 
     if cuda:
         net = net.to(memory_format=torch.channels_last)
     if bf16 is None:
-        bf16 = cuda and torch.cuda.is_bf16_supported()
+        bf16 = cuda and cuda_has_native_bf16()  # as the platform's Trainer decides (default_precision)
 
     def autocast() -> Any:
         return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()

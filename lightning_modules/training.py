@@ -8,14 +8,20 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 
-__all__ = ["default_precision", "make_trainer"]
+__all__ = ["cuda_has_native_bf16", "default_precision", "make_trainer"]
+
+
+def cuda_has_native_bf16() -> bool:
+    """Whether this process's CUDA device does bf16 arithmetic natively (compute capability 8.0, Ampere, and
+    later). Not ``torch.cuda.is_bf16_supported()``: by default it also says yes where bf16 is only emulated
+    (a T4), where cuDNN has no bf16 convolutions, and it probes by allocating on GPU 0. The capability is
+    read from the device properties, without a tensor on any GPU."""
+    return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 8
 
 
 def default_precision(accelerator: str) -> str:
-    """bf16 mixed precision on CUDA devices that support it (Ampere and later), full fp32 elsewhere."""
-    if accelerator in ("gpu", "cuda") and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
-        return "bf16-mixed"
-    return "32-true"
+    """bf16 mixed precision on CUDA devices with native bf16 (``cuda_has_native_bf16``), full fp32 elsewhere."""
+    return "bf16-mixed" if accelerator in ("gpu", "cuda") and cuda_has_native_bf16() else "32-true"
 
 
 def make_trainer(

@@ -16,9 +16,10 @@ from dataclasses import dataclass
 
 import torch
 
+from lightning_modules.data.decode import available_cpus
 from search.errors import UsageError, check_at_least
 
-__all__ = ["Slot", "group_gpus", "parse_gpus", "pin_threads", "plan_slots"]
+__all__ = ["Slot", "group_gpus", "parse_gpus", "pin_threads", "plan_slots", "visible_gpu_ids"]
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,18 @@ def pin_threads(threads: int) -> None:
     and spawned ranks read it when they import torch."""
     os.environ["OMP_NUM_THREADS"] = str(threads)
     torch.set_num_threads(threads)
+
+
+def visible_gpu_ids(available: int) -> list[str]:
+    """What a worker's ``CUDA_VISIBLE_DEVICES`` must say to show it the GPU this process calls ``i``: entry
+    ``i`` of this process's own ``CUDA_VISIBLE_DEVICES`` when it has one (SLURM, containers and MIG set it to
+    physical indices or UUIDs: ``4,5`` makes GPU 0 here physical GPU 4), else ``i``. A child given plain
+    ``0,1`` under ``4,5`` would have trained on other jobs' GPUs."""
+    inherited = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if inherited is None:
+        return [str(i) for i in range(available)]
+    # CUDA reads the list up to its first invalid entry; the devices it counted are that prefix.
+    return [entry.strip() for entry in inherited.split(",")][:available]
 
 
 def parse_gpus(gpus: str, available: int) -> list[int]:
@@ -100,11 +113,13 @@ def plan_slots(gpus: str | None, trials_per_gpu: int, workers: int | None, *, gp
         # spinning OpenMP threads fight over the cores the Python launch threads need. Each worker runs one
         # process per GPU of its group (DDP ranks), so the cores are split over all of them.
         processes = len(groups) * trials_per_gpu * gpus_per_trial
-        threads = max(1, (os.cpu_count() or 1) // processes)
-        return [Slot(",".join(map(str, g)), "gpu", len(g), threads) for g in groups for _ in range(trials_per_gpu)]
+        threads = max(1, available_cpus() // processes)
+        ids = visible_gpu_ids(available)
+        return [Slot(",".join(ids[i] for i in g), "gpu", len(g), threads)
+                for g in groups for _ in range(trials_per_gpu)]
     if gpus_per_trial != 1:
         raise UsageError("--gpus-per-trial: no CUDA GPU is visible on this machine; for DDP over CPU processes "
                          "use --procs-per-trial")
     n = workers or 1
-    cores = os.cpu_count() or 1
+    cores = available_cpus()  # the CPUs this job may use (a cpuset under SLURM or docker), not the host's
     return [Slot("", "cpu", procs_per_trial, max(1, cores // (n * procs_per_trial))) for _ in range(n)]

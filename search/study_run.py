@@ -199,6 +199,23 @@ def _remedy(study: optuna.Study, args: argparse.Namespace, overrides: dict[str, 
     return f"{prefix}add the flags it was run with ({flags})" if flags else f"{prefix}{otherwise}"
 
 
+def _rerun_slot(args: argparse.Namespace, stored: FrozenTrial) -> Slot:
+    """Where a rerun trains: over as many DDP ranks as the trial did (one rank instead would train with a
+    smaller global batch and more steps: another run), on the GPU(s) ``--gpus`` names, pinned in this
+    process as a worker's are (CUDA is not initialised yet; the DDP helper ranks inherit it)."""
+    world = int(stored.user_attrs.get("ddp_world_size", 1))
+    gpu = plan_slots(args.gpus, 1, None)[0].accelerator == "gpu"
+    try:
+        slot = plan_slots(args.gpus, 1, None, gpus_per_trial=world) if gpu else plan_slots(
+            None, 1, None, procs_per_trial=world)
+    except UsageError:
+        raise UsageError(f"--rerun-trial: trial {stored.number} trained with DDP over {world} GPUs; give --gpus "
+                         f"with a multiple of {world} GPUs") from None
+    if gpu:
+        os.environ["CUDA_VISIBLE_DEVICES"] = slot[0].cuda_visible_devices or ""
+    return slot[0]
+
+
 def _rerun(args: argparse.Namespace, cfg: StudyConfig, storage: optuna.storages.BaseStorage, name: str,
            overrides: dict[str, object]) -> int:
     study = optuna.load_study(study_name=resolve_study_name(storage, name), storage=storage)
@@ -212,14 +229,19 @@ def _rerun(args: argparse.Namespace, cfg: StudyConfig, storage: optuna.storages.
     threads = stored.user_attrs.get(THREADS_ATTR)
     if threads:  # the trial's own count, whatever this shell's OMP_NUM_THREADS says (search.worker.THREADS_ATTR)
         pin_threads(int(threads))
+    slot = _rerun_slot(args, stored)
     dm = prepare_datamodule(cfg)
-    gpu = plan_slots(args.gpus, 1, None)[0].accelerator == "gpu"
-    runner = TrialRunner(cfg, dm, Devices("gpu" if gpu else "cpu", 1))
-    design = runner.design(optuna.trial.FixedTrial(stored.params, stored.number))
-    seed = stored.user_attrs.get("seed", trial_seed(cfg.seed, stored))
-    result = runner.fit(design, seed, None)
+    runner = TrialRunner(cfg, dm, Devices(slot.accelerator, slot.devices))
+    try:
+        design = runner.design(optuna.trial.FixedTrial(stored.params, stored.number))
+        seed = stored.user_attrs.get("seed", trial_seed(cfg.seed, stored))
+        result = runner.fit(design, seed, None)
+    finally:
+        runner.close()
     a = stored.user_attrs
-    print(f"trial {stored.number} ({stored.state.name}), seed {seed}, {torch.get_num_threads()} torch threads:")
+    unit = "GPUs" if slot.accelerator == "gpu" else "processes"
+    ranks = f", DDP over {slot.devices} {unit}" if slot.devices > 1 else ""
+    print(f"trial {stored.number} ({stored.state.name}), seed {seed}, {torch.get_num_threads()} torch threads{ranks}:")
     # Six decimals: the point is to show that the rerun reproduces the stored accuracy exactly.
     print(f"  stored: val {a.get('val_accuracy', float('nan')):.6f}  test {a.get('test_accuracy', float('nan')):.6f}")
     print(f"  rerun:  val {result['val_accuracy']:.6f}  test {result['test_accuracy']:.6f}")

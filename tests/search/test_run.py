@@ -147,6 +147,20 @@ def test_run_rerun_trial_uses_the_trials_own_thread_count(one_trial_run: Path, t
     assert _rerun_val(result.stdout) == pytest.approx(stored.user_attrs["val_accuracy"], abs=1e-6)
 
 
+def test_run_rerun_trial_trains_over_as_many_ddp_ranks_as_the_trial(tmp_path: Path) -> None:
+    """A trial trained with DDP over 2 processes is rerun over 2: on one, its global batch would be half and
+    its steps twice as many, another training run (and another accuracy)."""
+    study_file = tiny_study(tmp_path, trials=1)
+    first = _run(tmp_path, study_file, "--procs-per-trial", "2")
+    assert first.returncode == 0, first.stderr[-3000:]
+    stored = _load(tmp_path, "tiny").trials[0]
+    assert stored.user_attrs["ddp_world_size"] == 2
+    result = _run(tmp_path, study_file, "--rerun-trial", "0")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "DDP over 2 processes:" in result.stdout
+    assert _rerun_val(result.stdout) == pytest.approx(stored.user_attrs["val_accuracy"], abs=1e-6)
+
+
 def test_run_heartbeats_off_with_orphaned_running_trials_says_why_it_cannot_finish(tmp_path: Path) -> None:
     """A trial left RUNNING by a worker that died, and heartbeats off: nothing will ever fail and retry it, so
     the command cannot fill its budget. It exits 1 and says so, instead of a bare exit status."""

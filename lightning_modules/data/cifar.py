@@ -35,6 +35,9 @@ _ALLOWED_GLOBALS = {
     ("numpy._core.numeric", "_frombuffer"),
     ("numpy", "ndarray"),
     ("numpy", "dtype"),
+    # A NumPy scalar (labels written as ``list(np_array)`` by a hand-made copy): a dtype and its raw bytes.
+    ("numpy.core.multiarray", "scalar"),
+    ("numpy._core.multiarray", "scalar"),
     ("_codecs", "encode"),
 }
 

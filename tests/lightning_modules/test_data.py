@@ -41,6 +41,7 @@ from lightning_modules.data import (
 from lightning_modules.data import cache as cache_module
 from lightning_modules.data.augment import crop_flip
 from lightning_modules.data.cache import meta_path
+from lightning_modules.data.cifar import read_cifar_batch
 from lightning_modules.data.decode import decode_images
 from lightning_modules.data.folder_loaders import _Files
 from tests.conftest import REPO
@@ -1145,6 +1146,21 @@ def test_cifar_failed_download_fails_fast_with_fix(tmp_path: Path) -> None:
     assert time.perf_counter() - start < 30
     assert f"no copy under {tmp_path / 'none'}" in message and "the download failed (" in message
     assert "cifar-100-python" in message and "--data-dir" in message and DATA_DIR_ENV in message
+
+
+def test_cifar_copy_with_numpy_scalar_labels_is_read(tmp_path: Path) -> None:
+    """A hand-made or trimmed copy whose labels were written as ``list(np_array)`` (NumPy scalars, pickled
+    through ``numpy.core.multiarray.scalar``) is read like the original, not refused as unsafe."""
+    folder = _write_fake_cifar(tmp_path, "cifar10")
+    for name in ("data_batch_1", "test_batch"):
+        batch = read_cifar_batch(folder / name)
+        batch["labels"] = list(np.asarray(batch["labels"], dtype=np.int64))
+        with open(folder / name, "wb") as f:
+            pickle.dump(batch, f)
+    assert type(read_cifar_batch(folder / "test_batch")["labels"][0]) is np.int64
+    dm = build_datamodule(DataConfig(name="cifar10", data_dir=tmp_path, download=False))
+    dm.setup()
+    assert dm.num_classes == 10
 
 
 def test_cifar_refuses_pickles_that_are_not_arrays(tmp_path: Path) -> None:

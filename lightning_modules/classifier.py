@@ -17,7 +17,7 @@ import torchmetrics
 
 from lightning_modules.config import ArchConfig, ConfigError
 from lightning_modules.recipe import OPTIMIZERS, SCHEDULES, TTA_MODES, TrainingRecipe, build_trainable, eval_logits
-from lightning_modules.whitening import fit_whitening, needs_whitening
+from lightning_modules.whitening import MAX_IMAGES, fit_whitening, needs_whitening
 
 # The recipe's names stay importable from here, where they lived before lightning_modules.recipe.
 __all__ = [
@@ -66,11 +66,11 @@ class SEClassifier(pl.LightningModule):
         self.on_test_start()
         if needs_whitening(self.net):
             # After a checkpoint restore (resumed trials) the filters are already fitted and this is skipped.
-            loader = getattr(self.trainer.datamodule, "loader", None)
-            if loader is None:
+            sample = getattr(self.trainer.datamodule, "spread_sample", None)
+            if sample is None:
                 raise ConfigError("stem: the whitening stem is fitted on the training images; fit with a "
                                   "datamodule of lightning_modules.data (datamodule=...)")
-            fit_whitening(self.net, loader("train", device=self.device))
+            fit_whitening(self.net, sample("train", MAX_IMAGES, device=self.device))
 
     def on_test_start(self) -> None:
         self._channels_last = self.device.type == "cuda"

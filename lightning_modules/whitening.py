@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["PatchWhitening", "fit_whitening", "needs_whitening"]
+__all__ = ["MAX_IMAGES", "PatchWhitening", "fit_whitening", "needs_whitening"]
 
 # Page's regulariser: whitened directions with eigenvalue well below 1e-2 (of unit-variance normalised pixels)
 # are mostly JPEG and interpolation noise; amplifying them 1/sqrt(eps) = 10x at most keeps them in check.

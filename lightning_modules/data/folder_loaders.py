@@ -24,6 +24,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision import transforms as T
 
+from lightning_modules.data.base import spread
 from lightning_modules.data.cache import _locked, atomic_write, source_key, warn_unwritable
 from lightning_modules.data.config import DataConfig
 from lightning_modules.data.decode import check_images, to_rgb
@@ -223,6 +224,12 @@ class FolderLoaders:
         sampler = (_AlternateFlipSampler(ds, alternate_first_flips(len(ds), seed), **shard)
                    if self.cfg.augment and self.cfg.flip == "alternate" else DistributedSampler(ds, **shard))
         return DataLoader(ds, sampler=sampler, drop_last=True, generator=torch.Generator().manual_seed(seed),
+                          **self._loader_kwargs(device))
+
+    def sample_loader(self, split: str, n: int, device: torch.device) -> DataLoader:
+        """About ``n`` files of ``split`` evenly spaced over it, unaugmented, in a fixed order
+        (``ArrayDataModule.spread_sample``)."""
+        return DataLoader(_Files(spread(self.samples[split], n), self._eval_transform()), shuffle=False,
                           **self._loader_kwargs(device))
 
     def eval_loader(self, split: str, world: int, rank: int, device: torch.device) -> DataLoader:

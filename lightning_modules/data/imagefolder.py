@@ -278,6 +278,11 @@ class ImageFolderDataModule(ArrayDataModule):
             return self._folder.train_loader(world, rank, self._base_seed(world), self._device())
         return super().train_dataloader()
 
+    def spread_sample(self, split: str, n: int, *, device: Any) -> Any:
+        if self._folder is not None:
+            return self._folder.sample_loader(split, n, device)
+        return super().spread_sample(split, n, device=device)
+
     def val_dataloader(self) -> Any:
         return self._folder.eval_loader("val", *self._world(), self._device()) if self._folder \
             else super().val_dataloader()

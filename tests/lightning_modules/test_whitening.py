@@ -4,15 +4,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import nn
 
 from lightning_modules import build_arch, build_network
 from lightning_modules.classifier import SEClassifier, TrainingRecipe
 from lightning_modules.data import CACHE_DIR_ENV, DATA_DIR_ENV, DataConfig, build_datamodule
+from lightning_modules.data.base import spread
 from lightning_modules.whitening import EPS, PatchWhitening, fit_whitening, needs_whitening
 from search.cost import count_cost
 
@@ -153,3 +156,48 @@ def test_training_fits_the_stem_once_on_the_training_images(tmp_path: Path, monk
     assert second.current_epoch == 2
     assert fits == [1]  # restored from the checkpoint, not fitted again
     assert torch.equal(resumed.net.stem[0].weight, model.net.stem[0].weight)
+
+
+def test_spread_picks_evenly_spaced_items_first_and_last_included() -> None:
+    assert spread(list(range(10)), 4) == [0, 3, 6, 9]
+    assert spread(np.arange(100, 110), 2).tolist() == [100, 109]
+    assert spread([1, 2], 5) == [1, 2]  # fewer than asked: all of them
+
+
+def _class_sorted_tree(root: Path, side: int) -> Path:
+    """3 classes of 20 training images, each class a flat colour, in file order class by class."""
+    for split, n in (("train", 20), ("test", 3)):
+        for label, name in enumerate(("ant", "bee", "cat")):
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(n):
+                Image.new("RGB", (side, side), (80 * label, 40 + i, 200 - 60 * label)).save(folder / f"{i:03d}.png")
+    return root
+
+
+@pytest.mark.parametrize("side", [12, 72])  # the tensor fast path, and the DataLoader path (above 64 px)
+def test_training_fits_the_stem_on_images_spread_over_a_class_sorted_tree(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, side: int
+) -> None:
+    """The stem is fitted on ``MAX_IMAGES`` training images spread over the split, not its first ones: a tree's
+    split is in file order, class by class, and the first 10,000 of the CIFAR-10 JPEG tree are 3 of its 10
+    classes. On the DataLoader path (large images) fitting failed outright ("call setup() first")."""
+    monkeypatch.setenv(CACHE_DIR_ENV, str(tmp_path / "cache"))
+    tree = _class_sorted_tree(tmp_path / "tree", side)
+    dm = build_datamodule(DataConfig(name="imagefolder", data_dir=tree, batch_size=8, num_workers=0,
+                                     val_size=6, image_size=side if side > 64 else None))
+    dm.setup()
+    labels = [int(y) for _, ys in dm.spread_sample("train", 6, device=torch.device("cpu")) for y in ys]
+    assert len(labels) == 6 and set(labels) == {0, 1, 2}
+    monkeypatch.setattr("lightning_modules.classifier.MAX_IMAGES", 6)
+    seen = []
+    real_fit = PatchWhitening.fit
+    monkeypatch.setattr(PatchWhitening, "fit",
+                        lambda self, images: (seen.extend(images), real_fit(self, seen)))
+    arch = build_arch("fastnet_whiten", num_classes=3, in_channels=3, image_size=dm.image_size,
+                      width_multiplier=0.125)
+    trainer = pl.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+    trainer.fit(SEClassifier(arch, TrainingRecipe(epochs=1, batch_size=8, lr=0.05)), datamodule=dm)
+    expected = torch.cat([x for x, _ in dm.spread_sample("train", 6, device=torch.device("cpu"))])
+    assert torch.equal(torch.cat(seen), expected)

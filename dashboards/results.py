@@ -20,7 +20,7 @@ import pandas as pd
 from optuna.trial import FrozenTrial, TrialState
 
 from search.export import SE_CHOICES, trials_dataframe
-from search.pareto import hypervolume, is_feasible
+from search.pareto import hypervolume, is_feasible, study_cost_scale
 
 __all__ = [
     "COST_UNITS",
@@ -139,7 +139,7 @@ def _history(study: optuna.Study, trials: Sequence[FrozenTrial],
     trial, in completion order."""
     finished = sorted((t for t in trials if t.state.is_finished()),
                       key=lambda t: (t.datetime_complete or datetime.max, t.number))
-    reference = study.user_attrs.get("reference_costs")
+    reference = study_cost_scale(study.user_attrs)
     use_hv = len(objectives) > 1 and bool(reference) and all(o in reference for o in objectives[1:])
     kind = "hypervolume" if use_hv else "best validation accuracy"
     if not finished:

@@ -29,7 +29,7 @@ from search.data import prepare_datamodule
 from search.devices import Slot, pin_threads, plan_slots
 from search.errors import UsageError
 from search.objective import Devices, TrialRunner, trial_seed
-from search.pareto import front_table, hypervolume, pareto_front, reference_costs
+from search.pareto import cost_ranges, front_table, hypervolume, pareto_front, reference_costs, study_cost_scale
 from search.space import one_pixel_se_stages
 from search.storage import STORAGE_ENV, masked, open_storage, resolve_storage_url, resolve_study_name, runs_dir
 from search.study_config import StudyConfig
@@ -172,12 +172,11 @@ def _summary(study: optuna.Study) -> None:
     label = "Pareto front (validation accuracy vs FLOPs)" if len(study.directions) > 1 else "best trial"
     print(f"{label}:\n{front_table(front)}")
     objectives = study.user_attrs.get("objectives", ["val_accuracy"])
-    reference = study.user_attrs.get("reference_costs")
-    if len(objectives) > 1 and reference:
-        print(
-            f"hypervolume (accuracy x normalised cost, reference 2x plain backbone): "
-            f"{hypervolume(trials, objectives, reference):.4f}"
-        )
+    scale = study_cost_scale(study.user_attrs)
+    if len(objectives) > 1 and scale:
+        how = ("cost scaled over the search space's range, reference point (0, 1.1)" if "cost_ranges" in
+               study.user_attrs else "cost / 2x plain backbone, reference point (0, 1)")
+        print(f"hypervolume (accuracy x {how}): {hypervolume(trials, objectives, scale):.4f}")
 
 
 def _warn_one_pixel_poolings(cfg: StudyConfig, shape: dict[str, int]) -> None:
@@ -296,7 +295,8 @@ def run(args: argparse.Namespace, cfg: StudyConfig, overrides: dict[str, object]
         name,
         cfg,
         num_stages,
-        {"reference_costs": reference_costs(cfg, **shape), "data_shape": shape},
+        lambda: {"cost_ranges": cost_ranges(cfg, **shape), "reference_costs": reference_costs(cfg, **shape),
+                 "data_shape": shape},
     )
     existing = study.get_trials(deepcopy=False)  # read once: the resume line and the workers' sampler seeds
     resume = _resume_line(existing)

@@ -171,7 +171,7 @@ def create_or_load_study(
     name: str,
     cfg: StudyConfig,
     num_stages: int,
-    extra_attrs: dict[str, object] | None = None,
+    extra_attrs: dict[str, object] | Callable[[], dict[str, object]] | None = None,
 ) -> optuna.Study:
     """Load ``name`` if it exists (refusing a changed definition) or create it with its provenance."""
     sampler, pruner = make_sampler_and_pruner(cfg, num_stages)
@@ -188,7 +188,8 @@ def create_or_load_study(
         study.set_user_attr(DEFINITION_ATTR, json.dumps(cfg.identity(), sort_keys=True))
         study.set_user_attr("study_file_name", cfg.name)
         study.set_user_attr("objectives", list(cfg.objectives))
-        for key, value in {**provenance(), **(extra_attrs or {})}.items():
+        extra = extra_attrs() if callable(extra_attrs) else extra_attrs  # a callable: only for a new study
+        for key, value in {**provenance(), **(extra or {})}.items():
             study.set_user_attr(key, value)
         study.set_user_attr(HASH_ATTR, cfg.definition_hash())
     return study

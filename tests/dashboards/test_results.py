@@ -124,3 +124,17 @@ def test_front_of_a_three_objective_study_is_non_dominated_in_accuracy_and_flops
     results = load_results(study)
     assert results.cost == "flops"
     assert results.front.number.tolist() == [0]
+
+
+def test_hypervolume_scales_costs_over_the_study_range() -> None:
+    """With ``cost_ranges`` a cost is scaled to [0, 1] over the space's range, reference point (0, 1.1): the
+    cheapest trial at 80% and the costliest at 90% enclose 0.8 x 1.1 + 0.1 x 0.1. An older study's reference
+    cost still scales as cost / reference, reference point (0, 1)."""
+    study = _study_of(None, ["val_accuracy", "flops"], [{"val_accuracy": 0.80, "flops": 1_000_000, "params": 1},
+                                                        {"val_accuracy": 0.90, "flops": 1_010_000, "params": 1}])
+    trials = study.get_trials()
+    assert hypervolume(trials, ["val_accuracy", "flops"], {"flops": [1_000_000, 1_010_000]}) == pytest.approx(0.89)
+    assert hypervolume(trials, ["val_accuracy", "flops"], {"flops": 2_020_000}) == pytest.approx(
+        0.80 * (1 - 1_000_000 / 2_020_000) + 0.10 * (1 - 1_010_000 / 2_020_000))
+    study.set_user_attr("cost_ranges", {"flops": [1_000_000, 1_010_000]})
+    assert load_results(study).history.value.iloc[-1] == pytest.approx(0.89)  # preferred over reference_costs

@@ -8,6 +8,7 @@ whose stride sits on the first 1x1 (our ``resnet50_v1``).
 
 from __future__ import annotations
 
+import itertools
 import json
 import subprocess
 import sys
@@ -22,6 +23,8 @@ from torch.utils.flop_counter import FlopCounterMode
 import search.cost as cost_module
 from lightning_modules import BACKBONES, PLACEMENTS, POOLINGS, ArchConfig, SEBlock, build_arch, build_network
 from search.cost import Cost, count_cost, main
+from search.pareto import cost_ranges
+from search.study_config import load_study
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -312,3 +315,24 @@ def test_cli_main_json_in_process(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--backbone", "resnet20", "--image-size", "32", "--num-classes", "100", "--json"]) == 0
     expected = count_cost(build_arch("resnet20", num_classes=100, image_size=32))
     assert json.loads(capsys.readouterr().out) == expected.to_dict()
+
+
+def test_cost_ranges_are_the_cheapest_and_costliest_networks_of_the_space(tmp_path: Path) -> None:
+    """``cost_ranges`` (the hypervolume's cost axis) equals the brute-force minimum and maximum over every
+    network a small space can build (per stage: none, or pre with ratio 4/8 and avg/avgmax; two widths)."""
+    study = tmp_path / "small.yaml"
+    study.write_text("backbone: resnet20\ndata: {dataset: digits, image_size: 8}\nsearch_space:\n"
+                     "  width_multiplier: [0.25, 0.5]\n  placement: [none, pre]\n  reduction: [4, 8]\n"
+                     "  pooling: [avg, avgmax]\n")
+    cfg = load_study(str(study))
+    shape = {"num_classes": 10, "in_channels": 1, "image_size": 8}
+    ranges = cost_ranges(cfg, **shape)
+    stage = [("none", 8, "avg"), *itertools.product(["pre"], [4, 8], ["avg", "avgmax"])]
+    costs = []
+    for width in (0.25, 0.5):
+        base = build_arch("resnet20", width_multiplier=width, **shape)
+        for choice in itertools.product(stage, repeat=base.num_stages):
+            placements, reductions, poolings = zip(*choice, strict=True)
+            costs.append(count_cost(base.with_se(placements, reductions, poolings)).to_dict())
+    for key in ("flops", "params"):
+        assert ranges[key] == [min(c[key] for c in costs), max(c[key] for c in costs)]

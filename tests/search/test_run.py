@@ -71,6 +71,9 @@ def test_run_digits_study_completes_and_prints_front(tmp_path: Path) -> None:
     attrs = study.user_attrs
     assert attrs["versions"]["optuna"] == optuna.__version__
     assert attrs["definition_hash"] and attrs["git_revision"]
+    low, high = attrs["cost_ranges"]["flops"]  # the hypervolume's cost axis: the space's cheapest to costliest
+    assert 0 < low < min(t.user_attrs["flops"] for t in finished) <= high
+    assert "hypervolume (accuracy x cost scaled over the search space's range" in result.stdout
     assert study.metric_names == ["val_accuracy", "flops"]
     assert "warning:" not in result.stderr  # resnet20's last stage is 2x2 on 8x8 digits: poolings differ
     # The worker's log says which trial started, not Lightning's banners and warnings once per trial.

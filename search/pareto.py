@@ -62,7 +62,7 @@ def cost_ranges(cfg: StudyConfig, *, num_classes: int, in_channels: int, image_s
     backbone at the largest width plus, per stage, the costliest SE block the space can put there (each
     placement and pooling, the smallest ratio), each counted with SE in that stage only; the cheapest is the
     plain backbone at the smallest width when ``none`` is searched, else the same sum of the cheapest SE
-    blocks (largest ratio). About 60 counts for the flagship's space: 7 s on 2 cores on CIFAR, 2 s on digits,
+    blocks (largest ratio). About 60 counts for the flagship's space: 3 s on 2 cores on CIFAR, 2 s on digits,
     once, when the study is created. Imports torch only here (see ``reference_costs``)."""
     from lightning_modules import build_arch
     from search.cost import count_cost

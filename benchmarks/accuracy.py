@@ -12,6 +12,7 @@ import torch
 
 from benchmarks.baseline import hand_written_fit, native_bf16
 from benchmarks.harness import LONG, default_params
+from benchmarks.record import device_label
 from lightning_modules.recipe import TTA_MODES
 from search.data import prepare_datamodule
 from search.objective import Devices, TrialRunner
@@ -79,7 +80,7 @@ def trial_accuracy(args: argparse.Namespace) -> dict[str, Any]:
                        f"{recipe.tta}); {precision}{'' if bf16 else ' (no native bf16 here)'} on {device.type}; "
                        f"val by epoch (no tta) {by_epoch}",
             "target": ">= 90% test accuracy (target 1's accuracy)", "met": accuracy[recipe.tta] >= 0.90,
-            "device": str(device), "precision": precision, "study": cfg.name,
+            "device": str(device), "ran_on": device_label(str(device)), "precision": precision, "study": cfg.name,
             "arch": str(design.arch), "recipe": str(recipe), "seeds": done, "stopped": stopped_at is not None,
             "test_accuracy": accuracy, "val_curves": curves, "by_seed": by_seed,
             "seconds": sum(run["seconds"] for run in runs)}

@@ -14,8 +14,9 @@ for pkg in optuna sqlalchemy alembic colorlog mako; do
     "${platforms[@]}" -d .whl "$pkg==$version"
 done
 [ -f .devdata/cifar10-jpeg.npz ] || python3 ../shared/tools/jpeg_tree_blob.py pack ../shared/data/cifar10-jpeg .devdata/cifar10-jpeg.npz
-# The tree sent to the GPU machine has no git history: record which commit it is (rerun after committing).
-git rev-parse --short HEAD > .devdata/commit
+# The tree sent to the GPU machine has no git history: record which commit it is (rerun after committing), with
+# +dirty when uncommitted changes travel with it, as results measured here are labelled (git_revision).
+.venv/bin/python -c "from search.study_store import git_revision; print(git_revision(short=True))" > .devdata/commit
 du -sh .whl .devdata
 # The device tool carries at most 64 MiB: the tracked and untracked-not-ignored files plus .whl and .devdata.
 # Say so here, not as a refused upload on a lent machine's clock.

@@ -12,9 +12,10 @@ from typing import Any
 
 import torch
 
+from lightning_modules.data.decode import available_cpus
 from search.study_store import git_revision
 
-__all__ = ["RESULTS_DIR", "current_commit", "machine", "refresh", "render_table", "write_results"]
+__all__ = ["RESULTS_DIR", "current_commit", "device_label", "machine", "refresh", "render_table", "write_results"]
 
 HERE = Path(__file__).resolve().parent
 RESULTS_DIR = HERE / "results"
@@ -34,10 +35,22 @@ def machine() -> dict[str, Any]:
     }
 
 
+def device_label(device: str = "cpu", cpus: int | None = None) -> str:
+    """Where a benchmark ran, as the results table names it: the GPU's name for a CUDA device, else "CPU, N
+    cores" with N the CPUs it could use (``cpus``, default this process's)."""
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return torch.cuda.get_device_name(torch.device(device))
+    return f"CPU, {cpus or available_cpus()} cores"
+
+
 def current_commit() -> str:
-    """HEAD's short hash (``+dirty`` when the measured tree had uncommitted changes); ``SE_SEARCH_COMMIT``
-    names it where the tree runs without its git history (a copy sent to a GPU machine)."""
-    return os.environ.get("SE_SEARCH_COMMIT") or git_revision(short=True)
+    """HEAD's short hash (``+dirty`` when the measured tree had uncommitted changes). ``SE_SEARCH_COMMIT``
+    names it only where git cannot (a copy sent to a GPU machine has no git history): an exported value left
+    in a shell here would otherwise label new code with an old commit."""
+    revision = git_revision(short=True)
+    if revision == "unknown":
+        return os.environ.get("SE_SEARCH_COMMIT") or revision
+    return revision
 
 
 def write_results(results: list[dict[str, Any]], path: Path | None = None, directory: Path | None = None,
@@ -81,9 +94,12 @@ def render_table(runs: list[dict[str, Any]]) -> str:
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for run in runs:
-        device = run["machine"]["gpu"] or f"CPU, {run['machine']['cores']} cores"
+        machine_device = run["machine"]["gpu"] or f"CPU, {run['machine']['cores']} cores"
         for r in run["results"]:
             met = {True: "yes", False: "**no**", None: "n/a"}[r.get("met")]
+            # A row names where its benchmark ran (``ran_on``: a CPU benchmark in a GPU machine's run ran on
+            # its CPUs); rows recorded before it was kept name the machine.
+            device = r.get("ran_on") or machine_device
             lines.append(
                 f"| {run['date'][:10]} | {device} | {run['commit']} | {r['name']} | {r['summary']} | "
                 f"{r['target']} | {met} |"

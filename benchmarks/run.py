@@ -16,10 +16,11 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+import torch
 
 from benchmarks import accuracy, cpu, gpu  # noqa: F401  (importing registers the benchmarks)
 from benchmarks.harness import CPU, GPU, LONG, SHARED_CIFAR
-from benchmarks.record import RESULTS_DIR, current_commit, write_results
+from benchmarks.record import RESULTS_DIR, current_commit, device_label, write_results
 from search.errors import UsageError, at_least
 from search.study_config import find_study_file
 from search.worker import quiet_trial_logs
@@ -34,8 +35,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="study (name or file) whose default trial trial_accuracy trains (default se_placement)")
     parser.add_argument("--seeds", type=at_least(0), nargs="+", default=[0],
                         help="trial_accuracy trains one run per seed and judges their mean (default: 0)")
-    parser.add_argument("--repeats", type=at_least(1), help="alternating platform/hand-written pairs, the fastest "
-                        "of each taken (default 3; 1 with --dry-run)")
+    parser.add_argument("--repeats", type=at_least(1), help="alternating (ABBA) hand-written/platform pairs of "
+                        f"overhead_cpu and overhead_gpu/trial_speed (default {cpu.OVERHEAD_PAIRS} on the CPU, "
+                        f"{gpu.GPU_PLAN.overhead_pairs} on the GPU, {gpu.DRY.overhead_pairs} with --dry-run)")
     parser.add_argument("--trials-per-gpu", type=at_least(1), default=4, help="workers on the GPU for whole_study")
     parser.add_argument("--study-seconds", type=float, default=900, help="whole_study is stopped after this")
     parser.add_argument("--sweep-seconds", type=at_least(0, float),
@@ -49,8 +51,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.dry_run and args.results_dir is None:
         args.results_dir = Path(tempfile.mkdtemp(prefix="bench-dry-"))
-    if args.repeats is None:
-        args.repeats = 1 if args.dry_run else 3
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     quiet_trial_logs()  # trials run in this process are configured as a worker runs them
     registries = [GPU] if args.dry_run else [CPU, GPU] if args.gpu else [CPU]
@@ -82,6 +82,9 @@ def main(argv: list[str] | None = None) -> int:
             stop = True
         except Exception as e:  # a broken benchmark is recorded as such, the others still run
             result = {"name": name, "summary": f"error: {type(e).__name__}: {e}"[:300], "target": "-", "met": None}
+        # Where it ran, unless it said so itself: CPU benchmarks on the CPU even in a GPU machine's run.
+        gpu_row = name not in CPU and not args.dry_run and torch.cuda.is_available()
+        result.setdefault("ran_on", device_label("cuda" if gpu_row else "cpu"))
         print(f"   {result['summary']}  (target {result['target']})", flush=True)
         results.append(result)
         # After every benchmark, so a cut-short run still leaves its results.

@@ -57,7 +57,9 @@ def device_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.Com
     subprocess.run([sys.executable, str(TOOL), "pack", str(base / "cifar"), str(tree / ".devdata/cifar10-jpeg.npz")],
                    check=True, capture_output=True)
     (tree / ".devdata/commit").write_text("c0ffee1\n")
-    env = {**os.environ, "OUT": str(out), "BENCH_WORK": str(work), "DRY_RUN": "1",
+    # GIT_DIR: the device's copy has no git history, so its results take the commit prepare_device.sh recorded;
+    # here the symlinked code would find this checkout's git (and git wins where it works).
+    env = {**os.environ, "OUT": str(out), "BENCH_WORK": str(work), "DRY_RUN": "1", "GIT_DIR": str(base / "no-git"),
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     env.pop("SE_SEARCH_COMMIT", None)
     # A budget no dry run needs (recipe_sweep gets a fifth of it), so a slow CI machine cuts nothing short.

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from lightning_modules import ArchConfig
 from lightning_modules.recipe import OPTIMIZERS, SCHEDULES, TrainingRecipe, build_trainable, eval_logits
 from lightning_modules.training import cuda_has_native_bf16
-from lightning_modules.whitening import fit_whitening
+from lightning_modules.whitening import MAX_IMAGES, fit_whitening
 
 __all__ = ["hand_written_fit"]
 
@@ -85,7 +85,8 @@ def hand_written_fit(arch: ArchConfig, recipe: TrainingRecipe, dm: Any, device: 
         raise ValueError(f"recipe batch_size {recipe.batch_size}, but the data module batches "
                          f"{train.batch_size}: build it with the recipe's batch size")
     val, test = dm.loader("val", device=device), dm.loader("test", device=device)
-    fit_whitening(net, dm.loader("train", device=device))  # as SEClassifier.on_fit_start; nothing without one
+    # As SEClassifier.on_fit_start: the same images spread over the split; nothing without a whitening stem.
+    fit_whitening(net, dm.spread_sample("train", MAX_IMAGES, device=device))
     optimizer = OPTIMIZERS.get(recipe.optimizer)(net, recipe)
     scheduler = SCHEDULES.get(recipe.schedule)(optimizer, recipe, recipe.epochs * len(train))
     build_seconds = sync() - start

@@ -177,6 +177,30 @@ def test_hand_loop_evaluates_other_ttas_on_the_same_weights() -> None:
     assert len({tuple(plain[k]) for k in ("val_curve", "val_curve_flip", "val_curve_flip_translate")}) == 3
 
 
+def test_hand_loop_fits_the_whitening_stem_on_the_platforms_images(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The hand loop fits the stem on the images SEClassifier does (``spread_sample``, MAX_IMAGES of them
+    spread over the split), or the two sides of a comparison would train different networks."""
+    import torch
+
+    from benchmarks.baseline import hand_written_fit
+    from benchmarks.harness import default_params
+    from lightning_modules.whitening import PatchWhitening
+    from search.data import prepare_datamodule
+    from search.objective import Devices, TrialRunner
+    from search.study_config import load_study
+
+    cfg = load_study("se_placement", dataset="digits", epochs=1)
+    dm = prepare_datamodule(cfg)
+    design = TrialRunner(cfg, dm, Devices("cpu", 1)).design(optuna.trial.FixedTrial(default_params(cfg)))
+    monkeypatch.setattr("benchmarks.baseline.MAX_IMAGES", 100)  # fewer than the split: the choice matters
+    seen: list[torch.Tensor] = []
+    real_fit = PatchWhitening.fit
+    monkeypatch.setattr(PatchWhitening, "fit", lambda self, images: (seen.extend(images), real_fit(self, seen)))
+    hand_written_fit(design.arch, design.recipe, dm, torch.device("cpu"), seed=0)
+    expected = torch.cat([x for x, _ in dm.spread_sample("train", 100, device=torch.device("cpu"))])
+    assert torch.equal(torch.cat(seen), expected)
+
+
 def test_hand_loop_refuses_a_recipe_the_data_module_does_not_batch() -> None:
     """The loaders batch as the data module was built; a recipe asking for another batch size would train at
     the wrong learning rate per image and report wrong images/s, so it is refused before any step."""

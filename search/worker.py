@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import gc
 import json
 import logging
 import os
@@ -43,6 +42,7 @@ from lightning_modules.backbones import BACKBONES
 from lightning_modules.classifier import DivergenceError
 from search import redact
 from search.data import prepare_datamodule
+from search.ddp import free_memory as _free_memory  # what every DDP helper rank runs after a trial too
 from search.devices import pin_threads
 from search.errors import UsageError, UsageParser, cli_main
 from search.heartbeat import Heartbeat
@@ -237,12 +237,6 @@ def _fail(study: optuna.Study, trial: optuna.Trial, reason: str, tb: str | None 
         set_user_attrs(trial, attrs)
     if _tell(study, trial, state=TrialState.FAIL):
         _log(f"trial {trial.number} failed: {reason}")
-
-
-def _free_memory() -> None:
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 def _traceback_summary(e: BaseException) -> str:

@@ -12,13 +12,15 @@ both see the same pixels, 16-bit greyscale included.
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
 import os
 import sys
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -34,6 +36,8 @@ except ImportError:  # pragma: no cover - a torchvision without image decoding
     _RGB = None
 
 from lightning_modules.data.errors import DataError
+
+T = TypeVar("T")
 
 __all__ = ["available_cpus", "check_images", "decode_images", "probe_size", "to_rgb"]
 
@@ -160,34 +164,50 @@ def decode_images(
     processes = min(processes or available_cpus(), len(tasks))
     sizes: set[tuple[int, int]] = set()
     errors: list[tuple[str, str]] = []
-    t0 = time.perf_counter()
     print(f"{what}: decoding {n} images with {processes} process(es)", file=sys.stderr, flush=True)
-    done, next_report = 0, 0.1
-    if processes <= 1:
-        results = map(_decode_chunk, tasks)
-        pool = None
-    else:
-        pool = _pool_context().Pool(processes)
-        results = pool.imap_unordered(_decode_chunk, tasks)
-    try:
+    progress = _Progress(f"{what}: decoded", n)
+    with _chunk_results(_decode_chunk, tasks, processes) as results:
         for start, chunk, chunk_sizes, chunk_errors in results:
             out[start : start + len(chunk)] = chunk
             sizes |= chunk_sizes
             errors += chunk_errors
-            done += len(chunk)
-            if done / n >= next_report or done == n:
-                print(f"{what}: decoded {done}/{n} ({done / n:.0%}, {time.perf_counter() - t0:.1f} s)",
-                      file=sys.stderr, flush=True)
-                next_report = done / n + 0.1
+            progress.advance(len(chunk))
+    _raise_first_error(errors, what)
+    return out, sizes
+
+
+@contextlib.contextmanager
+def _chunk_results(work: Callable[[Any], T], tasks: list[Any], processes: int) -> Iterator[Iterable[T]]:
+    """``work`` over ``tasks``, in this process or a pool of ``processes`` (results in completion order); the
+    pool is ended however the caller's loop ends."""
+    pool = _pool_context().Pool(processes) if processes > 1 else None
+    try:
+        yield map(work, tasks) if pool is None else pool.imap_unordered(work, tasks)
     finally:
         if pool is not None:
             pool.terminate()
             pool.join()
+
+
+class _Progress:
+    """A line on stderr every tenth of ``n`` (a large tree takes about an epoch: show it moving)."""
+
+    def __init__(self, prefix: str, n: int) -> None:
+        self.prefix, self.n, self.done, self.next_report, self.t0 = prefix, n, 0, 0.1, time.perf_counter()
+
+    def advance(self, count: int) -> None:
+        self.done += count
+        if self.done / self.n >= self.next_report or self.done == self.n:
+            print(f"{self.prefix} {self.done}/{self.n} ({self.done / self.n:.0%}, "
+                  f"{time.perf_counter() - self.t0:.1f} s)", file=sys.stderr, flush=True)
+            self.next_report = self.done / self.n + 0.1
+
+
+def _raise_first_error(errors: list[tuple[str, str]], what: str) -> None:
     if errors:
         path, msg = min(errors)
         more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
         raise DataError(f"{what}: cannot decode image {path} ({msg}){more}; fix or remove the file")
-    return out, sizes
 
 
 def _check_chunk(paths: Sequence[str]) -> tuple[int, list[tuple[str, str]]]:
@@ -217,24 +237,10 @@ def check_images(paths: Sequence[Path], *, what: str, processes: int | None = No
     processes = min(processes or available_cpus(), len(tasks))
     print(f"{what}: checking that all {n} images decode, once for this tree, with {processes} process(es)",
           file=sys.stderr, flush=True)
-    t0 = time.perf_counter()
     errors: list[tuple[str, str]] = []
-    done, next_report = 0, 0.1
-    pool = _pool_context().Pool(processes) if processes > 1 else None
-    try:
-        results = map(_check_chunk, tasks) if pool is None else pool.imap_unordered(_check_chunk, tasks)
+    progress = _Progress(f"{what}: checked", n)
+    with _chunk_results(_check_chunk, tasks, processes) as results:
         for count, chunk_errors in results:
             errors += chunk_errors
-            done += count
-            if done / n >= next_report or done == n:  # a large tree takes about an epoch: show it moving
-                print(f"{what}: checked {done}/{n} ({done / n:.0%}, {time.perf_counter() - t0:.1f} s)",
-                      file=sys.stderr, flush=True)
-                next_report = done / n + 0.1
-    finally:
-        if pool is not None:
-            pool.terminate()
-            pool.join()
-    if errors:
-        path, msg = min(errors)
-        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
-        raise DataError(f"{what}: cannot decode image {path} ({msg}){more}; fix or remove the file")
+            progress.advance(count)
+    _raise_first_error(errors, what)

@@ -206,17 +206,19 @@ T = TypeVar("T")
 # The function a helper runs for its share of one trial: (design, seed, datamodule, strategy) -> summary.
 RankFit = Callable[[Any, int, Any, DDPStrategy], dict[str, Any]]
 
-# What a helper sends rank 0 about a failure: the exception pickled (None when it cannot be), a one-line
-# summary and the formatted traceback.
-ErrorReport = tuple[bytes | None, str, str]
+# What a helper sends rank 0 about a failure: the exception itself (None when it cannot travel through the
+# pipe), a one-line summary and the formatted traceback. The pipe pickles it, as every message between these
+# processes of ours.
+ErrorReport = tuple[BaseException | None, str, str]
 
 
 def _error_report(e: BaseException) -> ErrorReport:
     try:
-        pickled: bytes | None = pickle.dumps(e)
+        pickle.dumps(e)
+        travels: BaseException | None = e
     except Exception:  # an exception holding something unpicklable: the summary and traceback still go
-        pickled = None
-    return pickled, f"{type(e).__name__}: {e}", "".join(traceback.format_exception(type(e), e, e.__traceback__))
+        travels = None
+    return travels, f"{type(e).__name__}: {e}", "".join(traceback.format_exception(type(e), e, e.__traceback__))
 
 
 def _helper_error(rank: int, detail: ErrorReport | str) -> Exception:
@@ -226,10 +228,7 @@ def _helper_error(rank: int, detail: ErrorReport | str) -> Exception:
     worker."""
     if isinstance(detail, str):  # the helper died or did not answer
         return RankGroupError(f"DDP rank {rank}: {detail}")
-    pickled, summary, tb = detail
-    error = None
-    with contextlib.suppress(Exception):
-        error = pickle.loads(pickled) if pickled is not None else None
+    error, summary, tb = detail
     if not isinstance(error, Exception):
         error = RankGroupError(f"DDP rank {rank}: {summary}")
     error.__cause__ = RankGroupError(f"DDP rank {rank} failed:\n{tb}")

@@ -28,14 +28,17 @@ import tempfile
 import zipfile
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 
 from lightning_modules.data.config import CACHE_DIR_ENV
 
-__all__ = ["atomic_write", "load_entry", "load_or_build", "meta_path", "save_entry", "source_key", "warn_unwritable"]
+__all__ = ["atomic_write", "load_entry", "load_or_build", "load_or_build_once", "meta_path", "save_entry",
+           "source_key", "warn_unwritable"]
 
 Arrays = dict[str, np.ndarray]
+T = TypeVar("T")
 
 
 def source_key(entries: Iterable[tuple[str, int, int]], *settings: object) -> str:
@@ -127,22 +130,32 @@ def _try_load(path: Path) -> tuple[np.ndarray, Arrays] | None:
         return None
 
 
+def load_or_build_once(path: Path, load: Callable[[], T | None], build: Callable[[], T],
+                       save: Callable[[T], None]) -> tuple[T, bool]:
+    """What ``load()`` finds for ``path``, else ``build()``'s result, saved with ``save``; also whether it was
+    found. Concurrent callers on one machine (or on a file system with working ``flock``) build it once, the
+    others waiting on ``<path>.lock`` and then loading it. A save that fails (full disk) is a warning: the
+    result is used from memory, and the next process builds it again."""
+    found = load()
+    if found is not None:
+        return found, True
+    with _locked(path.with_name(path.name + ".lock")):
+        found = load()  # another process may have finished while we waited for the lock
+        if found is not None:
+            return found, True
+        built = build()
+        try:
+            save(built)
+        except OSError as err:
+            warn_unwritable(path, err)
+        return built, False
+
+
 def load_or_build(
     path: Path, build: Callable[[], tuple[np.ndarray, Arrays]]
 ) -> tuple[np.ndarray, Arrays, bool]:
     """The entry cached at ``path``, built by ``build()`` and saved first if absent; also whether it was a
-    hit. Concurrent callers on one machine (or on a file system with working ``flock``) build it once."""
-    entry = _try_load(path)
-    if entry is not None:
-        return *entry, True
-    with _locked(path.with_name(path.name + ".lock")):
-        entry = _try_load(path)  # another worker may have finished while we waited for the lock
-        if entry is not None:
-            return *entry, True
-        images, meta = build()
-        try:
-            save_entry(path, images, meta)
-        except OSError as err:
-            # A full disk must not stop a study that can run: the decoded images are all here, in memory.
-            warn_unwritable(path, err)
-        return images, meta, False
+    hit (``load_or_build_once``)."""
+    (images, meta), hit = load_or_build_once(path, lambda: _try_load(path), build,
+                                             lambda entry: save_entry(path, *entry))
+    return images, meta, hit

@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision import transforms as T
 
 from lightning_modules.data.base import spread
-from lightning_modules.data.cache import _locked, atomic_write, source_key, warn_unwritable
+from lightning_modules.data.cache import atomic_write, load_or_build_once, source_key
 from lightning_modules.data.config import DataConfig
 from lightning_modules.data.decode import check_images, to_rgb
 from lightning_modules.data.errors import DataError
@@ -101,12 +101,9 @@ class _AlternateFlipSampler(DistributedSampler):
         return ((i, self.first_flips[i] != odd) for i in super().__iter__())
 
 
-def _write_json(path: Path, payload: dict[str, Any]) -> None:
-    """Atomically, like the decode cache; a failed write only costs the next process the check again."""
-    try:
-        atomic_write(path, lambda f: f.write(json.dumps(payload).encode()))
-    except OSError as err:
-        warn_unwritable(path, err)
+def _save_json(path: Path, payload: dict[str, Any]) -> None:
+    """Atomically, like the decode cache (``load_or_build_once`` turns a failed write into a warning)."""
+    atomic_write(path, lambda f: f.write(json.dumps(payload).encode()))
 
 
 def _tree_checked(path: Path, n_files: int) -> bool:
@@ -172,22 +169,21 @@ class FolderLoaders:
         return T.Compose([T.RandomResizedCrop(self.image_size), *flip, T.ToTensor(), T.Normalize(self.mean, self.std)])
 
     def _check_decodes(self) -> None:
-        """Decode every file of the tree once, before any training, and record that it passed. The lock makes
-        the processes of a study starting together check once, the others waiting for the record."""
+        """Decode every file of the tree once, before any training, and record that it passed; the processes
+        of a study starting together check once, the others waiting for the record."""
         paths = self.tree.paths("train") + self.tree.paths("test")
-        if _tree_checked(self.check_file, len(paths)):
-            return
-        with _locked(self.check_file.with_name(self.check_file.name + ".lock")):
-            if _tree_checked(self.check_file, len(paths)):  # another process finished while we waited
-                return
-            check_images(paths, what=f"imagefolder {self.tree.root}")
-            _write_json(self.check_file, {"decoded": len(paths)})
+        record = {"decoded": len(paths)}
+        load_or_build_once(self.check_file, lambda: True if _tree_checked(self.check_file, len(paths)) else None,
+                           lambda: check_images(paths, what=f"imagefolder {self.tree.root}") or True,
+                           lambda _: _save_json(self.check_file, record))
 
     def _stats(self) -> tuple[list[float], list[float]]:
         """Mean/std estimated on a fixed sample of training images, computed once and saved."""
-        saved = _read_stats(self.stats_file)
-        if saved is not None:
-            return saved
+        stats, _ = load_or_build_once(self.stats_file, lambda: _read_stats(self.stats_file), self._measure_stats,
+                                      lambda stats: _save_json(self.stats_file, {"mean": stats[0], "std": stats[1]}))
+        return stats
+
+    def _measure_stats(self) -> tuple[list[float], list[float]]:
         train = self.samples["train"]
         pick = np.random.RandomState(0).permutation(len(train))[:STATS_SAMPLE]
         ds = _Files([train[i] for i in pick], self._eval_transform(normalize=False))
@@ -202,9 +198,7 @@ class FolderLoaders:
             count += x.shape[0] * x.shape[2] * x.shape[3]
         mean = total / count
         std = (total_sq / count - mean**2).clamp_min(1e-12).sqrt()
-        payload = {"mean": mean.tolist(), "std": std.tolist(), "sample": len(ds)}
-        _write_json(self.stats_file, payload)
-        return payload["mean"], payload["std"]
+        return mean.tolist(), std.tolist()
 
     def _loader_kwargs(self, device: torch.device) -> dict[str, Any]:
         workers = self.cfg.num_workers

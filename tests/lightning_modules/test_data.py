@@ -878,12 +878,12 @@ def test_imagefolder_unreadable_statistics_file_is_recomputed(tmp_path: Path, co
 
 def test_statistics_file_write_is_atomic(tmp_path: Path) -> None:
     """A write that fails midway leaves the previous file whole and no temporary behind."""
-    from lightning_modules.data.folder_loaders import _write_json
+    from lightning_modules.data.folder_loaders import _save_json
 
     path = tmp_path / "cache" / "x.stats.json"
-    _write_json(path, {"mean": [0.5]})
+    _save_json(path, {"mean": [0.5]})
     with pytest.raises(TypeError):
-        _write_json(path, {"mean": [0.25], "bad": object()})  # fails while writing
+        _save_json(path, {"mean": [0.25], "bad": object()})  # fails while writing
     assert json.loads(path.read_text()) == {"mean": [0.5]} and os.listdir(path.parent) == ["x.stats.json"]
 
 

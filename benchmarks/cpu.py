@@ -17,14 +17,22 @@ import optuna
 import torch
 
 from benchmarks.fronts import common_hypervolumes, front_points
-from benchmarks.harness import BENCH_CPUS, CPU, bench_cpus, digits_study_file, overhead, run_search, study_variant
+from benchmarks.harness import (
+    BENCH_CPUS,
+    CPU,
+    bench_cpus,
+    digits_study_file,
+    new_bench_study,
+    overhead,
+    run_search,
+    study_variant,
+)
 from benchmarks.record import device_label
 from search import trial_writes, worker
 from search.data import prepare_datamodule
 from search.pareto import hypervolume, study_cost_scale
-from search.storage import open_storage, rdb_backend
+from search.storage import rdb_backend
 from search.study_config import find_study_file, load_study
-from search.study_store import create_or_load_study
 
 # Alternating pairs of overhead_cpu (``--repeats`` overrides). A pair took 7-35 s by VM (2026-11/12 results); 8
 # pairs are about 2.5x the 3 pairs before, but fewer leave the median's 90% interval at the pairs' full range
@@ -39,7 +47,7 @@ def overhead_cpu(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         path = digits_study_file(Path(tmp), "overhead", size=16, epochs=10, width=1.0, pruner="none", trials=1)
         result = overhead(str(path), {}, torch.device("cpu"), args.repeats or OVERHEAD_PAIRS)
-    return result | {"ran_on": device_label("cpu")}
+    return result
 
 
 @CPU.register("quick_study_cpu")
@@ -74,7 +82,7 @@ class _TimedStorage:
         self._main = threading.main_thread().ident
         for name in dir(storage):
             attr = getattr(storage, name)
-            if callable(attr) and (not name.startswith("_") or name == "_get_stale_trial_ids"):
+            if callable(attr) and not name.startswith("_"):
                 setattr(storage, name, self.timed(attr))
         backend = rdb_backend(storage)
         if backend is not None and backend is not storage:
@@ -110,8 +118,7 @@ def _storage_shares(study: str, overrides: dict[str, Any], trials: int = 6) -> d
 def _worker_storage_share(url: str, study: str, overrides: dict[str, Any], dm: Any, trials: int) -> float:
     """One worker's real loop (``search.worker.run_worker``: budget reads, stale-trial checks, ask, the trial,
     tell) on a new study in ``url``, with its storage timed."""
-    study_name = f"share-{time.time_ns()}"
-    create_or_load_study(open_storage(url), study_name, load_study(study, **overrides), 3)
+    study_name = new_bench_study(url, load_study(study, **overrides), "share").study_name
     timers: list[_TimedStorage] = []
     write, load = trial_writes._write, optuna.load_study
 
@@ -125,10 +132,9 @@ def _worker_storage_share(url: str, study: str, overrides: dict[str, Any], dm: A
 
     spec = worker.WorkerSpec(study=study, study_name=study_name, storage=url, trials=trials, overrides=overrides)
     with mock.patch.object(worker.optuna, "load_study", load_timed), \
-            mock.patch.object(worker, "prepare_datamodule", lambda _: dm), \
             mock.patch.object(trial_writes, "_write", write_timed):
         start = time.perf_counter()
-        worker.run_worker(spec)
+        worker.run_worker(spec, datamodule=dm)
         return timers[0].seconds / (time.perf_counter() - start)
 
 
@@ -144,8 +150,7 @@ def storage_share(args: argparse.Namespace) -> dict[str, Any]:
     worst = max(quick.values())
     return {"summary": "quick-study trials: " + ", ".join(f"{k} {v:.2%}" for k, v in quick.items())
                        + "; 1 s stress trials: " + ", ".join(f"{k} {v:.2%}" for k, v in short.items()),
-            "target": "< 2% of trial time", "met": worst < 0.02, "shares": quick, "stress_shares": short,
-            "ran_on": device_label("cpu")}
+            "target": "< 2% of trial time", "met": worst < 0.02, "shares": quick, "stress_shares": short}
 
 
 PRUNING_TRIALS = 24
@@ -210,7 +215,7 @@ def _pruning_run(study: optuna.Study) -> dict[str, Any]:
             "reference_cost_hypervolume": hypervolume(trials, objectives, attrs["reference_costs"]),
             "pruned": sum(t.state.name == "PRUNED" for t in trials),
             "best_val_accuracy": max((t.values[0] for t in trials if t.values), default=None),
-            "front": front_points(trials)}
+            "front": front_points(study)}
 
 
 def _compare_runs(pruned: dict[str, Any], unpruned: dict[str, Any]) -> dict[str, Any]:

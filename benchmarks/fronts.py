@@ -16,34 +16,26 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+import optuna
 from optuna._hypervolume import compute_hypervolume  # Optuna's exact algorithm (as search.pareto uses)
-from optuna.trial import FrozenTrial, TrialState
 
-from search.pareto import is_feasible
+from search.pareto import pareto_front
 
 __all__ = ["MARGIN", "common_hypervolumes", "front_points"]
 
 MARGIN = 0.1
 
 
-def front_points(trials: Sequence[FrozenTrial]) -> list[dict[str, Any]]:
-    """The non-dominated completed trials within the study's budgets as (trial, val_accuracy, flops), cheapest
-    first: what a recorded result keeps so its comparison can be recomputed later."""
-    points = [{"trial": t.number, "val_accuracy": t.values[0], "flops": t.values[1]} for t in trials
-              if t.state == TrialState.COMPLETE and t.values is not None and is_feasible(t)]
-    front = [p for p in points if not any(_dominates(q, p) for q in points)]
-    return sorted(front, key=lambda p: (p["flops"], -p["val_accuracy"]))
-
-
-def _dominates(q: Mapping[str, float], p: Mapping[str, float]) -> bool:
-    no_worse = q["val_accuracy"] >= p["val_accuracy"] and q["flops"] <= p["flops"]
-    return no_worse and (q["val_accuracy"] > p["val_accuracy"] or q["flops"] < p["flops"])
+def front_points(study: optuna.Study) -> list[dict[str, Any]]:
+    """The study's Pareto front (``search.pareto.pareto_front``: feasible, non-dominated, cheapest first) as
+    (trial, val_accuracy, flops): what a recorded result keeps so its comparison can be recomputed later."""
+    return [{"trial": t.number, "val_accuracy": t.values[0], "flops": t.values[1]} for t in pareto_front(study)]
 
 
 Points = Sequence[Mapping[str, float]]  # front_points' rows (or the same rows read back from a result's JSON)
 
 
-def common_hypervolumes(fronts: Mapping[str, Points], margin: float = MARGIN) -> dict[str, float]:
+def common_hypervolumes(fronts: Mapping[str, Points]) -> dict[str, float]:
     """Each front's hypervolume on the normalisation built from all of them (module docstring), as a share of
     the box from the ideal point to the reference point (1.0: one point at the ideal). An empty front has 0."""
     union = [p for front in fronts.values() for p in front]
@@ -53,7 +45,7 @@ def common_hypervolumes(fronts: Mapping[str, Points], margin: float = MARGIN) ->
     cost = [p["flops"] for p in union]
     best_acc, acc_span = max(acc), (max(acc) - min(acc)) or 1.0  # one value on an axis: every point is ideal there
     low_cost, cost_span = min(cost), (max(cost) - min(cost)) or 1.0
-    reference = np.full(2, 1.0 + margin)
+    reference = np.full(2, 1.0 + MARGIN)
     volumes = {}
     for name, front in fronts.items():
         if not front:

@@ -17,7 +17,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from unittest import mock
 
 import optuna
 import torch
@@ -122,9 +121,10 @@ def overhead(study: str, overrides: dict[str, Any], device: torch.device, pairs:
         cfg = load_study(path, **overrides)
         dm = prepare_datamodule(cfg)
         accelerator = "gpu" if device.type == "cuda" else "cpu"
-        design = TrialRunner(cfg, dm, Devices(accelerator, 1)).design(optuna.trial.FixedTrial(default_params(cfg)))
+        params = default_params(cfg)
+        design = TrialRunner(cfg, dm, Devices(accelerator, 1)).design(optuna.trial.FixedTrial(params))
         url = f"sqlite:///{tmp}/bench.db"
-        stored = _overhead_study(url, cfg, dm)
+        stored = new_bench_study(url, cfg, "bench")
         spec = worker.WorkerSpec(study=path, study_name=stored.study_name, storage=url, trials=0,
                                  overrides=overrides, accelerator=accelerator)
         # One untimed epoch first: a process's first fit pays one-off set-up (the CUDA context, cuDNN's algorithm
@@ -139,9 +139,9 @@ def overhead(study: str, overrides: dict[str, Any], device: torch.device, pairs:
                 if side == "hand":
                     hand_runs.append(hand_written_fit(design.arch, design.recipe, dm, device, seed=seed))
                 else:
-                    stored.enqueue_trial(default_params(cfg))  # the pair's trial: the study's default one
+                    stored.enqueue_trial(params)  # the pair's trial: the study's default one
                     platform_s.append(_worker_trial_seconds(dataclasses.replace(spec, trials=i + 1), dm))
-        trials = sorted(stored.get_trials(), key=lambda t: t.number)
+        trials = stored.get_trials()
     broken = [t.number for t in trials if t.state != optuna.trial.TrialState.COMPLETE]
     if broken:  # a failed or pruned trial's time is not a trial's time
         raise RuntimeError(f"overhead: platform trials {broken} did not complete")
@@ -173,12 +173,11 @@ def _inconclusive(verdict: dict[str, Any]) -> str:
     return f"inconclusive: the interval spans {OVERHEAD_LIMIT}"
 
 
-def _overhead_study(url: str, cfg: Any, dm: Any) -> optuna.Study:
+def new_bench_study(url: str, cfg: Any, prefix: str) -> optuna.Study:
     """A new study in ``url``, created as ``search.run`` creates one, less the hypervolume's cost scale (seconds
     of cost counts, which no worker reads)."""
-    shape = {"num_classes": dm.num_classes, "in_channels": dm.in_channels, "image_size": dm.image_size}
-    num_stages = BACKBONES.get(cfg.backbone)().num_stages
-    return create_or_load_study(open_storage(url), f"bench-{time.time_ns()}", cfg, num_stages, {"data_shape": shape})
+    return create_or_load_study(open_storage(url), f"{prefix}-{time.time_ns()}", cfg,
+                                BACKBONES.get(cfg.backbone)().num_stages)
 
 
 def _worker_trial_seconds(spec: worker.WorkerSpec, dm: Any) -> float:
@@ -186,16 +185,8 @@ def _worker_trial_seconds(spec: worker.WorkerSpec, dm: Any) -> float:
     return the seconds of its loop's pass for that trial: from the pass's stale-trial check to the next
     pass's, which finds the budget done and returns."""
     passes: list[float] = []
-    stale_check = worker.fail_stale_trials
-
-    def marked(study: optuna.Study) -> list[int]:
-        passes.append(time.perf_counter())
-        return stale_check(study)
-
     count_cost.cache_clear()  # a study's next trial is a new network: it pays the cost count
-    with mock.patch.object(worker, "fail_stale_trials", marked), \
-            mock.patch.object(worker, "prepare_datamodule", lambda _: dm):
-        worker.run_worker(spec)
+    worker.run_worker(spec, datamodule=dm, on_pass=lambda: passes.append(time.perf_counter()))
     if len(passes) != 2:
         raise RuntimeError(f"overhead: the worker made {len(passes)} passes for one trial (a failed trial?)")
     return passes[1] - passes[0]

@@ -293,10 +293,13 @@ def _waiting_for_others(spec: WorkerSpec, budget: Budget, announced: bool) -> bo
     return True
 
 
-def run_worker(spec: WorkerSpec) -> int:
+def run_worker(spec: WorkerSpec, *, datamodule: Any = None,
+               on_pass: Callable[[], None] | None = None) -> int:
     """Run trials of ``spec.study_name`` until ``spec.trials`` have finished. Returns the number run here.
 
-    Raises ``TrialInterrupted`` when a stop signal arrives (after recording the running trial).
+    Raises ``TrialInterrupted`` when a stop signal arrives (after recording the running trial). For the
+    benchmarks, which time this loop in-process: ``datamodule``, one already prepared (as a worker of a
+    running study finds it cached); ``on_pass``, called at the start of every pass of the loop.
     """
     if spec.threads:
         pin_threads(spec.threads)
@@ -307,7 +310,7 @@ def run_worker(spec: WorkerSpec) -> int:
                                BACKBONES.get(cfg.backbone)().num_stages)
     study = optuna.load_study(study_name=spec.study_name, storage=storage, sampler=sampler,
                               pruner=None if cfg.multi_objective else make_pruner(cfg.pruner.name, cfg.pruner.options))
-    datamodule = prepare_datamodule(cfg)
+    datamodule = datamodule or prepare_datamodule(cfg)
     runner = TrialRunner(cfg, datamodule, Devices(spec.accelerator, spec.devices),
                          trial_attrs={WORKER_ATTR: f"{socket.gethostname()}:{os.getpid()}",
                                       THREADS_ATTR: torch.get_num_threads()})
@@ -319,6 +322,8 @@ def run_worker(spec: WorkerSpec) -> int:
         while True:
             if _Stop.reason is not None:
                 raise TrialInterrupted(_Stop.reason)
+            if on_pass is not None:
+                on_pass()
             fail_stale_trials(study)
             budget = Budget.read(study, spec.trials)
             if budget.done:

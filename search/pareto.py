@@ -73,8 +73,8 @@ def cost_ranges(cfg: StudyConfig, *, num_classes: int, in_channels: int, image_s
         base = build_arch(cfg.backbone, width_multiplier=width, num_classes=num_classes,
                           in_channels=in_channels, image_size=image_size)
         stages = base.num_stages
-        plain = count_cost(base.with_se(["none"] * stages, [reduction] * stages, [space.pooling[0]] * stages))
-        total = plain.to_dict()
+        plain = count_cost(base.with_se(["none"] * stages, [reduction] * stages, [space.pooling[0]] * stages)).to_dict()
+        total = dict(plain)
         options = [p for p in space.placement if p != "none"]
         if (pick is min and "none" in space.placement) or not options:
             return {k: float(v) for k, v in total.items()}
@@ -84,7 +84,7 @@ def cost_ranges(cfg: StudyConfig, *, num_classes: int, in_channels: int, image_s
                 placements = ["none"] * stages
                 placements[stage] = placement
                 cost = count_cost(base.with_se(placements, [reduction] * stages, [pooling] * stages)).to_dict()
-                extras.append({k: cost[k] - plain.to_dict()[k] for k in cost})
+                extras.append({k: cost[k] - plain[k] for k in cost})
             for k in total:
                 total[k] += pick(extra[k] for extra in extras)
         return {k: float(v) for k, v in total.items()}
